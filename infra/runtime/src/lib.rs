@@ -1,0 +1,22 @@
+//! Service plumbing shared by every long-running process of the platform.
+//!
+//! What this crate owns:
+//! - [`config`]: loading a service's one config struct from a TOML file plus
+//!   `CHAT_*` environment overrides, with unknown keys refused;
+//! - [`telemetry`]: the `tracing` subscriber (pretty or JSON lines);
+//! - [`admin`]: the admin HTTP endpoint every service serves: `/health` and
+//!   Prometheus `/metrics`;
+//! - [`shutdown`]: one cancellation signal fired by SIGTERM or Ctrl-C that
+//!   every long-running loop watches.
+//!
+//! What it does not: it knows nothing of Kafka, Cassandra or the protocol.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use admin::{serve_admin, Health, Metrics};
+pub use config::{load_config, Secret};
+pub use shutdown::Shutdown;

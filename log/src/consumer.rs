@@ -1,0 +1,270 @@
+//! The typed consumer: decodes each record into an [`Envelope`], hands it to
+//! a handler, and stores the record's offset only after the handler
+//! succeeded. Stored offsets are committed every second and on shutdown, so
+//! a crash re-reads from the last stored offset: nothing is lost, a few
+//! records may be seen twice (handlers are idempotent).
+//!
+//! A record that cannot be decoded (not Confluent-framed, unknown schema id,
+//! wrong shape) goes to the dead-letter topic with its origin in headers
+//! (`dlq.topic`, `dlq.partition`, `dlq.offset`, `dlq.error`), then its offset
+//! is stored and the consumer goes on.
+
+use chat_schemas::Envelope;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+use crate::registry::DecodeFailure;
+use crate::topics::{base_client_config, check_brokers};
+use crate::{EventProducer, LogConfig, LogError, HEADER_TRACE_ID};
+
+/// One decoded record and where it came from.
+#[derive(Clone, Debug)]
+pub struct ConsumedEvent {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    /// The trace id from the Kafka header (falls back to the envelope's).
+    pub trace_id: String,
+    /// The registry id of the writer schema.
+    pub schema_id: u32,
+    pub envelope: Envelope,
+}
+
+/// What a handler says about a record it could not process.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// A transient failure (store down, timeout): the same record is offered
+    /// again after a backoff; its offset is not stored.
+    #[error("retry: {0}")]
+    Retry(String),
+    /// The record can never be processed: it goes to the dead-letter topic and
+    /// the consumer goes on.
+    #[error("dead-letter: {0}")]
+    DeadLetter(String),
+    /// Stop consuming now, without storing this record's offset (the next
+    /// owner of the partition starts again at this record).
+    #[error("fatal: {0}")]
+    Fatal(String),
+}
+
+/// A consumer-group member reading envelopes from one or more topics.
+pub struct EventConsumer {
+    inner: Arc<StreamConsumer>,
+    producer: EventProducer,
+    dlq_topic: String,
+}
+
+impl std::fmt::Debug for EventConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventConsumer")
+            .field("dlq_topic", &self.dlq_topic)
+            .finish_non_exhaustive()
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl EventConsumer {
+    /// Joins `group_id` and subscribes to `topics`. The producer is used for
+    /// dead-lettering and shares the registry client.
+    pub async fn connect(
+        config: &LogConfig,
+        group_id: &str,
+        topics: &[&str],
+        producer: EventProducer,
+        dlq_topic: &str,
+    ) -> Result<Self, LogError> {
+        check_brokers(config).await?;
+        let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        crate::topics::check_topics_exist(config, &names).await?;
+        let inner: StreamConsumer = base_client_config(config)
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            // Offsets are stored by us, after the handler succeeded.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create()?;
+        inner.subscribe(topics)?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            producer,
+            dlq_topic: dlq_topic.to_string(),
+        })
+    }
+
+    /// Consumes until `shutdown` fires or the handler returns
+    /// [`HandlerError::Fatal`]; then commits the stored offsets and returns.
+    pub async fn run<F, Fut>(
+        &self,
+        mut handler: F,
+        shutdown: CancellationToken,
+    ) -> Result<(), LogError>
+    where
+        F: FnMut(ConsumedEvent) -> Fut,
+        Fut: Future<Output = Result<(), HandlerError>>,
+    {
+        let result = self.consume_loop(&mut handler, &shutdown).await;
+        self.commit().await;
+        result
+    }
+
+    async fn consume_loop<F, Fut>(
+        &self,
+        handler: &mut F,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LogError>
+    where
+        F: FnMut(ConsumedEvent) -> Fut,
+        Fut: Future<Output = Result<(), HandlerError>>,
+    {
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = self.inner.recv() => m?,
+            };
+            let (topic, partition, offset) =
+                (msg.topic().to_string(), msg.partition(), msg.offset());
+            let payload = msg.payload().unwrap_or_default().to_vec();
+            let key = msg.key().map(<[u8]>::to_vec);
+            let header_trace = msg.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == HEADER_TRACE_ID)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            });
+            drop(msg);
+
+            let mut backoff = Duration::from_millis(50);
+            let event = loop {
+                match self.producer.registry().decode(&payload).await {
+                    Ok((schema_id, envelope)) => {
+                        break Some(ConsumedEvent {
+                            trace_id: header_trace
+                                .clone()
+                                .unwrap_or_else(|| envelope.trace_id.clone()),
+                            topic: topic.clone(),
+                            partition,
+                            offset,
+                            key: key.clone(),
+                            schema_id,
+                            envelope,
+                        })
+                    }
+                    Err(DecodeFailure::Permanent(why)) => {
+                        self.dead_letter(&topic, partition, offset, key.as_deref(), &payload, &why)
+                            .await?;
+                        break None;
+                    }
+                    Err(DecodeFailure::Transient(e)) => {
+                        tracing::warn!(error = %e, "registry unavailable while decoding; retrying");
+                        if sleep_or_shutdown(&mut backoff, shutdown).await {
+                            return Ok(());
+                        }
+                    }
+                }
+            };
+
+            if let Some(event) = event {
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    match handler(event.clone()).await {
+                        Ok(()) => break,
+                        Err(HandlerError::Retry(why)) => {
+                            tracing::warn!(%topic, partition, offset, %why, "handler asked to retry");
+                            if sleep_or_shutdown(&mut backoff, shutdown).await {
+                                return Ok(());
+                            }
+                        }
+                        Err(HandlerError::DeadLetter(why)) => {
+                            self.dead_letter(
+                                &topic,
+                                partition,
+                                offset,
+                                key.as_deref(),
+                                &payload,
+                                &why,
+                            )
+                            .await?;
+                            break;
+                        }
+                        Err(HandlerError::Fatal(why)) => {
+                            return Err(LogError::Config(format!(
+                                "handler stopped at {topic}[{partition}]@{offset}: {why}"
+                            )))
+                        }
+                    }
+                }
+            }
+            self.inner.store_offset(&topic, partition, offset)?;
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        why: &str,
+    ) -> Result<(), LogError> {
+        tracing::warn!(%topic, partition, offset, %why, dlq = %self.dlq_topic, "dead-lettering record");
+        let (p, o) = (partition.to_string(), offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "dlq.topic",
+                value: Some(topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "dlq.partition",
+                value: Some(p.as_bytes()),
+            })
+            .insert(Header {
+                key: "dlq.offset",
+                value: Some(o.as_bytes()),
+            })
+            .insert(Header {
+                key: "dlq.error",
+                value: Some(why.as_bytes()),
+            });
+        self.producer
+            .send_raw(&self.dlq_topic, key, payload, headers)
+            .await
+            .map(|_| ())
+    }
+
+    /// Commits the stored offsets synchronously (on shutdown).
+    pub async fn commit(&self) {
+        let inner = self.inner.clone();
+        // A synchronous commit blocks until the coordinator answers.
+        let res =
+            tokio::task::spawn_blocking(move || inner.commit_consumer_state(CommitMode::Sync))
+                .await;
+        match res {
+            Ok(Ok(())) => {}
+            // Nothing stored yet is not a failure.
+            Ok(Err(e)) => tracing::debug!(error = %e, "commit on shutdown"),
+            Err(e) => tracing::warn!(error = %e, "commit task failed"),
+        }
+    }
+}
+
+/// Sleeps for the backoff (doubling it up to [`MAX_BACKOFF`]); true when shutdown fired instead.
+async fn sleep_or_shutdown(backoff: &mut Duration, shutdown: &CancellationToken) -> bool {
+    let d = *backoff;
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}

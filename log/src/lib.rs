@@ -1,0 +1,43 @@
+//! The boundary to Kafka and the schema registry. No other crate uses rdkafka
+//! or talks to the registry.
+//!
+//! What this crate owns:
+//! - [`topics`]: the names, partition counts and retention of every topic, and
+//!   their idempotent creation through the admin API;
+//! - [`registry`]: registering the envelope schema per topic (subject
+//!   `<topic>-value`, TopicNameStrategy) with `BACKWARD_TRANSITIVE`
+//!   compatibility, and Avro encode/decode in Confluent wire format;
+//! - [`producer`]: a typed producer (idempotent, `acks=all`) that puts the
+//!   trace id and the event kind in Kafka headers;
+//! - [`consumer`]: a typed consumer that stores an offset only after its
+//!   handler succeeded, and sends records that fail to decode to the
+//!   dead-letter topic with their partition and offset.
+//!
+//! Guarantees: at-least-once consumption (a handler may see a record again
+//! after a crash, never miss one); per-partition order as Kafka keeps it;
+//! no duplicate produce from librdkafka's internal retries (idempotence).
+//! Not promised here: exactly-once processing; the projections make their
+//! writes idempotent instead (keyed by chat and seq).
+//!
+//! rdkafka runs its own threads; the only blocking calls (flush, commit on
+//! close, metadata fetch) are moved to `spawn_blocking`.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod producer;
+pub mod registry;
+pub mod topics;
+
+pub use config::LogConfig;
+pub use consumer::{ConsumedEvent, EventConsumer, HandlerError};
+pub use error::LogError;
+pub use producer::{EventProducer, Produced};
+pub use registry::SchemaRegistry;
+pub use topics::{TopicSpec, Topics};
+
+/// Kafka header that carries the trace id from the socket to the delivery.
+pub const HEADER_TRACE_ID: &str = "trace_id";
+/// Kafka header with the Avro record name of the envelope's body.
+pub const HEADER_EVENT_KIND: &str = "event_kind";

@@ -1,0 +1,117 @@
+//! The typed producer: envelopes in, Confluent-framed Avro records out.
+//!
+//! Settings: `enable.idempotence=true` (no duplicates or reordering from
+//! librdkafka's own retries), `acks=all`, `linger.ms` from [`LogConfig`]
+//! (0 by default: one hop's latency matters more than batch size here).
+
+use chat_schemas::Envelope;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::from_kafka;
+use crate::topics::{base_client_config, check_brokers};
+use crate::{LogConfig, LogError, SchemaRegistry, HEADER_EVENT_KIND, HEADER_TRACE_ID};
+
+/// Where a record landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Produced {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Cheap to clone; all clones share one librdkafka producer.
+#[derive(Clone)]
+pub struct EventProducer {
+    inner: FutureProducer,
+    registry: Arc<SchemaRegistry>,
+}
+
+impl std::fmt::Debug for EventProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventProducer").finish_non_exhaustive()
+    }
+}
+
+impl EventProducer {
+    /// Connects after checking that a broker answers (a clear error otherwise).
+    pub async fn connect(
+        config: &LogConfig,
+        registry: Arc<SchemaRegistry>,
+    ) -> Result<Self, LogError> {
+        check_brokers(config).await?;
+        let inner: FutureProducer = base_client_config(config)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", config.linger_ms.to_string())
+            .set("message.timeout.ms", "30000")
+            .set("compression.type", "none")
+            .create()?;
+        Ok(Self { inner, registry })
+    }
+
+    pub fn registry(&self) -> &Arc<SchemaRegistry> {
+        &self.registry
+    }
+
+    /// Encodes and appends one envelope; returns once the broker acknowledged
+    /// it (all in-sync replicas).
+    #[tracing::instrument(
+        name = "log.produce",
+        skip_all,
+        fields(topic, chat = ?envelope.chat_id, seq = ?envelope.seq, trace_id = %envelope.trace_id, kind = envelope.body.kind())
+    )]
+    pub async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        envelope: &Envelope,
+    ) -> Result<Produced, LogError> {
+        tracing::Span::current().record("topic", topic);
+        let payload = self.registry.encode(topic, envelope).await?;
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: HEADER_TRACE_ID,
+                value: Some(envelope.trace_id.as_bytes()),
+            })
+            .insert(Header {
+                key: HEADER_EVENT_KIND,
+                value: Some(envelope.body.kind().as_bytes()),
+            });
+        self.send_raw(topic, Some(key.as_bytes()), &payload, headers)
+            .await
+    }
+
+    /// Appends pre-encoded bytes (dead-lettering keeps the original bytes).
+    pub async fn send_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<Produced, LogError> {
+        let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        match self.inner.send(record, Timeout::Never).await {
+            Ok(delivery) => Ok(Produced {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((e, _)) => Err(from_kafka(e, topic)),
+        }
+    }
+
+    /// Waits until every queued record was acknowledged, up to `timeout`.
+    pub async fn flush(&self, timeout: Duration) -> Result<(), LogError> {
+        let inner = self.inner.clone();
+        // flush blocks the calling thread: keep it off the runtime's workers.
+        tokio::task::spawn_blocking(move || inner.flush(timeout))
+            .await
+            .map_err(|e| LogError::Config(e.to_string()))?
+            .map_err(LogError::Kafka)
+    }
+}

@@ -1,0 +1,250 @@
+//! The boundary to the schema registry (Confluent-compatible API; Apicurio's
+//! `/apis/ccompat/v7` here).
+//!
+//! Subjects follow TopicNameStrategy: every topic's value subject is
+//! `<topic>-value` and holds the one composed `chat.v1.Envelope` schema, so
+//! stock consumers need no configuration. Each subject is set to
+//! `BACKWARD_TRANSITIVE`: a new schema must read every earlier version's data.
+//!
+//! Records are framed in Confluent wire format: magic byte 0, the schema id as
+//! a big-endian u32, then the Avro binary datum.
+
+use apache_avro::types::Value;
+use chat_schemas::Envelope;
+use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use schema_registry_converter::async_impl::schema_registry::{post_schema, SrSettings};
+use schema_registry_converter::error::SRCError;
+use schema_registry_converter::schema_registry_common::{
+    SchemaType, SubjectNameStrategy, SuppliedSchema,
+};
+use std::time::Duration;
+
+use crate::{LogConfig, LogError};
+
+/// The compatibility level the platform sets on every subject.
+pub const COMPATIBILITY: &str = "BACKWARD_TRANSITIVE";
+
+/// Registry client: registration, compatibility settings, encode and decode.
+pub struct SchemaRegistry {
+    url: String,
+    settings: SrSettings,
+    encoder: AvroEncoder,
+    decoder: AvroDecoder,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for SchemaRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchemaRegistry")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+fn envelope_supplied() -> SuppliedSchema {
+    SuppliedSchema::new(
+        Some("chat.v1.Envelope".into()),
+        SchemaType::Avro,
+        chat_schemas::envelope_schema_json().to_string(),
+    )
+}
+
+fn subject_of(topic: &str) -> String {
+    format!("{topic}-value")
+}
+
+impl SchemaRegistry {
+    pub fn new(config: &LogConfig) -> Result<Self, LogError> {
+        let url = config.registry_url.trim_end_matches('/').to_string();
+        let timeout = Duration::from_millis(config.connect_timeout_ms);
+        let settings = SrSettings::new_builder(url.clone())
+            .set_timeout(timeout)
+            .build()
+            .map_err(|e| LogError::Config(format!("registry settings: {e}")))?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| LogError::Config(format!("registry http client: {e}")))?;
+        Ok(Self {
+            encoder: AvroEncoder::new(settings.clone()),
+            decoder: AvroDecoder::new(settings.clone()),
+            settings,
+            url,
+            http,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn unreachable(&self, detail: impl ToString) -> LogError {
+        LogError::RegistryUnreachable {
+            url: self.url.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Fails with [`LogError::RegistryUnreachable`] unless the registry answers.
+    pub async fn check_reachable(&self) -> Result<(), LogError> {
+        let resp = self
+            .http
+            .get(format!("{}/subjects", self.url))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.unreachable(format!("GET /subjects answered {}", resp.status())))
+        }
+    }
+
+    /// Registers the envelope schema under `<topic>-value` (idempotent: the
+    /// registry answers an existing identical schema with its id) and sets the
+    /// subject's compatibility. Returns the schema id.
+    pub async fn register_envelope(&self, topic: &str) -> Result<u32, LogError> {
+        self.register_schema(topic, envelope_supplied()).await
+    }
+
+    /// Registers any schema under `<topic>-value` (used by tests to try an
+    /// incompatible change), then enforces [`COMPATIBILITY`] on the subject.
+    pub async fn register_schema(
+        &self,
+        topic: &str,
+        schema: SuppliedSchema,
+    ) -> Result<u32, LogError> {
+        let subject = subject_of(topic);
+        let registered = post_schema(&self.settings, subject.clone(), schema)
+            .await
+            .map_err(|e| self.classify(&subject, e))?;
+        self.set_compatibility(&subject, COMPATIBILITY).await?;
+        Ok(registered.id)
+    }
+
+    /// `PUT /config/{subject}`.
+    pub async fn set_compatibility(&self, subject: &str, level: &str) -> Result<(), LogError> {
+        let resp = self
+            .http
+            .put(format!("{}/config/{subject}", self.url))
+            .header("content-type", "application/vnd.schemaregistry.v1+json")
+            .body(format!("{{\"compatibility\":\"{level}\"}}"))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            Err(LogError::Registry {
+                detail: format!("PUT /config/{subject} answered {status}: {body}"),
+                retryable: status.is_server_error(),
+            })
+        }
+    }
+
+    /// `GET /config/{subject}`: the subject's compatibility level.
+    pub async fn compatibility(&self, subject: &str) -> Result<String, LogError> {
+        let resp = self
+            .http
+            .get(format!("{}/config/{subject}", self.url))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let body: serde_json::Value = resp.json().await.map_err(|e| self.unreachable(e))?;
+        body.get("compatibilityLevel")
+            .or_else(|| body.get("compatibility"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+            .ok_or_else(|| LogError::Registry {
+                detail: format!("unexpected config answer: {body}"),
+                retryable: false,
+            })
+    }
+
+    fn classify(&self, subject: &str, e: SRCError) -> LogError {
+        let text = e.to_string();
+        if text.contains("409") || text.to_lowercase().contains("incompatible") {
+            LogError::SchemaRejected {
+                subject: subject.to_string(),
+                detail: text,
+            }
+        } else if e.retriable
+            && (text.contains("connect") || text.contains("error sending request"))
+        {
+            self.unreachable(text)
+        } else {
+            LogError::Registry {
+                detail: text,
+                retryable: e.retriable,
+            }
+        }
+    }
+
+    /// Encodes an envelope for `topic` in Confluent wire format.
+    pub async fn encode(&self, topic: &str, envelope: &Envelope) -> Result<Vec<u8>, LogError> {
+        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
+            topic.into(),
+            false,
+            envelope_supplied(),
+        );
+        self.encoder
+            .encode_value(envelope.to_avro(), &strategy)
+            .await
+            .map_err(|e| match self.classify(&subject_of(topic), e) {
+                LogError::Registry { detail, .. } => LogError::Encode(detail),
+                other => other,
+            })
+    }
+
+    /// Decodes a Confluent-framed record with the writer schema named by its
+    /// id. Returns the schema id and the raw Avro value.
+    pub async fn decode_value(&self, bytes: &[u8]) -> Result<(u32, Value), DecodeFailure> {
+        let id = schema_id(bytes).ok_or(DecodeFailure::Permanent(
+            "not in Confluent wire format (magic byte 0 + schema id)".into(),
+        ))?;
+        match self.decoder.decode(Some(bytes)).await {
+            Ok(r) => Ok((id, r.value)),
+            Err(e) if e.retriable => Err(DecodeFailure::Transient(self.unreachable(e))),
+            Err(e) => Err(DecodeFailure::Permanent(e.to_string())),
+        }
+    }
+
+    /// Decodes a record into an [`Envelope`].
+    pub async fn decode(&self, bytes: &[u8]) -> Result<(u32, Envelope), DecodeFailure> {
+        let (id, value) = self.decode_value(bytes).await?;
+        Envelope::from_avro(value)
+            .map(|e| (id, e))
+            .map_err(|e| DecodeFailure::Permanent(e.to_string()))
+    }
+}
+
+/// Why a record could not be decoded.
+#[derive(Debug)]
+pub enum DecodeFailure {
+    /// The registry could not be asked: retry later, do not dead-letter.
+    Transient(LogError),
+    /// The bytes are not a valid record for any schema we can read: dead-letter.
+    Permanent(String),
+}
+
+/// The schema id of a Confluent-framed record.
+pub fn schema_id(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [0, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_id_reads_the_confluent_header() {
+        assert_eq!(schema_id(&[0, 0, 0, 1, 2, 9, 9]), Some(258));
+        assert_eq!(schema_id(&[1, 0, 0, 0, 1]), None);
+        assert_eq!(schema_id(&[0, 0, 0]), None);
+    }
+}

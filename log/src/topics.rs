@@ -1,0 +1,205 @@
+//! Every topic of the platform, named once. Names are public interface
+//! (analytics and replay tooling read them): keep them stable.
+//!
+//! | topic | key | what |
+//! |---|---|---|
+//! | `chat.commands` | chat id | client commands as the gateway accepted them; the sequencer's input |
+//! | `chat.events` | chat id | sequenced events: the source of truth, kept forever |
+//! | `chat.sessions` | user id | session opened / closed, the delivery router's registry |
+//! | `chat.presence` | user id | presence changes (compacted: the latest per user) |
+//! | `chat.deliveries` | gateway id | events routed to the gateways holding recipients |
+//! | `chat.push` | user id | push tasks for users with no live session |
+//! | `chat.dlq` | original key | records that could not be decoded or handled, with their origin in headers |
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+
+use crate::{LogConfig, LogError};
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// One topic's name and creation settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopicSpec {
+    /// Full name, prefix included.
+    pub name: String,
+    pub partitions: i32,
+    /// `cleanup.policy`: `delete` or `compact`.
+    pub cleanup_policy: &'static str,
+    /// `retention.ms`; -1 keeps records forever.
+    pub retention_ms: i64,
+}
+
+/// The names of the platform's topics, with the configured prefix applied.
+#[derive(Clone, Debug)]
+pub struct Topics {
+    pub commands: String,
+    pub events: String,
+    pub sessions: String,
+    pub presence: String,
+    pub deliveries: String,
+    pub push: String,
+    pub dlq: String,
+    chat_partitions: i32,
+}
+
+impl Topics {
+    pub fn new(config: &LogConfig) -> Self {
+        let p = &config.topic_prefix;
+        Self {
+            commands: format!("{p}chat.commands"),
+            events: format!("{p}chat.events"),
+            sessions: format!("{p}chat.sessions"),
+            presence: format!("{p}chat.presence"),
+            deliveries: format!("{p}chat.deliveries"),
+            push: format!("{p}chat.push"),
+            dlq: format!("{p}chat.dlq"),
+            chat_partitions: config.chat_partitions,
+        }
+    }
+
+    /// Every topic with its creation settings.
+    pub fn specs(&self) -> Vec<TopicSpec> {
+        let chat = self.chat_partitions;
+        let spec = |name: &String, partitions, cleanup_policy, retention_ms| TopicSpec {
+            name: name.clone(),
+            partitions,
+            cleanup_policy,
+            retention_ms,
+        };
+        vec![
+            spec(&self.commands, chat, "delete", 7 * DAY_MS),
+            spec(&self.events, chat, "delete", -1),
+            spec(&self.sessions, chat, "delete", 7 * DAY_MS),
+            spec(&self.presence, chat, "compact", -1),
+            spec(&self.deliveries, chat, "delete", DAY_MS),
+            spec(&self.push, chat, "delete", 7 * DAY_MS),
+            spec(&self.dlq, 1, "delete", 30 * DAY_MS),
+        ]
+    }
+
+    /// Topics whose records are [`chat_schemas::Envelope`]s (all of them: the
+    /// dead-letter topic keeps the original bytes, which are envelopes too).
+    pub fn envelope_topics(&self) -> Vec<String> {
+        self.specs().into_iter().map(|s| s.name).collect()
+    }
+}
+
+pub(crate) fn base_client_config(config: &LogConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        .set("socket.connection.setup.timeout.ms", "5000")
+        .set("log_level", "3");
+    c
+}
+
+/// Fails with [`LogError::BrokerUnreachable`] unless a broker answers a
+/// metadata request within `connect_timeout_ms`.
+pub async fn check_brokers(config: &LogConfig) -> Result<(), LogError> {
+    let admin: AdminClient<DefaultClientContext> = base_client_config(config)
+        .create()
+        .map_err(LogError::Kafka)?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let brokers = config.brokers.clone();
+    // fetch_metadata blocks the calling thread until the broker answers or the timeout.
+    tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+        .await
+        .map_err(|e| LogError::Config(e.to_string()))?
+        .map(|_| ())
+        .map_err(|e| LogError::BrokerUnreachable {
+            brokers,
+            detail: e.to_string(),
+        })
+}
+
+/// Creates every topic that does not exist yet; existing topics are left as they are.
+pub async fn ensure_topics(config: &LogConfig, specs: &[TopicSpec]) -> Result<(), LogError> {
+    check_brokers(config).await?;
+    let admin: AdminClient<DefaultClientContext> = base_client_config(config)
+        .create()
+        .map_err(LogError::Kafka)?;
+    let retention: Vec<String> = specs.iter().map(|s| s.retention_ms.to_string()).collect();
+    let new: Vec<NewTopic> = specs
+        .iter()
+        .zip(&retention)
+        .map(|(s, r)| {
+            NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+            .set("cleanup.policy", s.cleanup_policy)
+            .set("retention.ms", r)
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin.create_topics(&new, &opts).await? {
+        match result {
+            Ok(name) => tracing::info!(topic = %name, "created topic"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(LogError::Config(format!(
+                    "cannot create topic {name}: {code}"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fails with [`LogError::UnknownTopic`] naming the first missing topic.
+pub async fn check_topics_exist(config: &LogConfig, names: &[String]) -> Result<(), LogError> {
+    let admin: AdminClient<DefaultClientContext> = base_client_config(config)
+        .create()
+        .map_err(LogError::Kafka)?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let brokers = config.brokers.clone();
+    let md = tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+        .await
+        .map_err(|e| LogError::Config(e.to_string()))?
+        .map_err(|e| LogError::BrokerUnreachable {
+            brokers,
+            detail: e.to_string(),
+        })?;
+    for name in names {
+        let found = md
+            .topics()
+            .iter()
+            .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+        if !found {
+            return Err(LogError::UnknownTopic {
+                topic: name.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_applies_to_every_topic_and_names_are_unique() {
+        let cfg = LogConfig {
+            topic_prefix: "t1.".into(),
+            ..LogConfig::default()
+        };
+        let specs = Topics::new(&cfg).specs();
+        assert!(specs.iter().all(|s| s.name.starts_with("t1.chat.")));
+        let mut names: Vec<_> = specs.iter().map(|s| s.name.clone()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), specs.len());
+    }
+
+    #[test]
+    fn the_event_log_is_kept_forever() {
+        let t = Topics::new(&LogConfig::default());
+        let events = t.specs().into_iter().find(|s| s.name == "chat.events");
+        assert_eq!(events.map(|s| s.retention_ms), Some(-1));
+    }
+}

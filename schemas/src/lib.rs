@@ -1,0 +1,65 @@
+//! The Avro contract of the chat log.
+//!
+//! Kafka is the source of truth of the platform and every record on every chat
+//! topic is one [`Envelope`] in Avro (Confluent wire format, registered under
+//! the topic's `-value` subject). This crate owns:
+//!
+//! - the `.avsc` files in `schemas/avro/` (namespace `chat.v1`), one per event
+//!   type and per shared named type, plus `Envelope.avsc` whose `body` is a
+//!   union of every event type;
+//! - composing them into the single self-contained schema that is registered
+//!   ([`envelope_schema_json`], [`envelope_schema`]);
+//! - the Rust types mirroring the schema ([`Envelope`], [`Body`] and one struct
+//!   per event) and their hand-written conversion to and from
+//!   [`apache_avro::types::Value`] ([`Envelope::to_avro`], [`Envelope::from_avro`]);
+//! - raw Avro datum encoding for tests and fuzzing ([`encode_datum`],
+//!   [`decode_datum`]).
+//!
+//! It does not talk to Kafka or to the schema registry, and it does not know
+//! the Confluent wire header (magic byte and schema id): that is the job of
+//! the crates that do I/O.
+
+#[macro_use]
+mod value;
+mod compose;
+mod error;
+mod events;
+
+use std::sync::OnceLock;
+
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+
+pub use compose::{envelope_schema, envelope_schema_json};
+pub use error::SchemaError;
+pub use events::*;
+
+/// Encodes `envelope` as a raw Avro datum (no Confluent header) with
+/// [`envelope_schema`]; the value is validated against the schema first.
+pub fn encode_datum(envelope: &Envelope) -> Result<Vec<u8>, SchemaError> {
+    static WRITER: OnceLock<GenericDatumWriter<'static>> = OnceLock::new();
+    let writer = WRITER.get_or_init(|| {
+        GenericDatumWriter::builder(envelope_schema())
+            .build()
+            .expect("composed schema resolves")
+    });
+    Ok(writer.write_value_to_vec(envelope.to_avro())?)
+}
+
+/// Decodes a raw Avro datum (no Confluent header) written with
+/// [`envelope_schema`]. Never panics: malformed input is an `Err`, and so
+/// are bytes left over after the datum.
+pub fn decode_datum(bytes: &[u8]) -> Result<Envelope, SchemaError> {
+    static READER: OnceLock<GenericDatumReader<'static>> = OnceLock::new();
+    let reader = READER.get_or_init(|| {
+        GenericDatumReader::builder(envelope_schema())
+            .build()
+            .expect("composed schema resolves")
+    });
+    let mut rest = bytes;
+    let value = reader.read_value(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(SchemaError::TrailingBytes(rest.len()));
+    }
+    Envelope::from_avro(value)
+}
