@@ -3,7 +3,8 @@
 #   Apache Kafka (KRaft, one combined node), Apache Cassandra (one node) and
 #   Apicurio Registry (kafkasql storage, Confluent-compatible API).
 #
-# usage: infra/stack.sh fetch|up|down|status|logs [kafka|cassandra|registry]
+# usage: infra/stack.sh fetch|up|down|status|clean|logs NAME|restart NAME
+#        (NAME: kafka, cassandra or registry)
 #
 # Downloads come from Maven Central through `mvn` and are cached outside the
 # git tree in $CHAT_CACHE_DIR (default ~/.cache/chat-platform). Every server
@@ -270,6 +271,14 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   logs) tail -n "${LINES_:-60}" "$RUN/${2:?name: kafka|cassandra|registry}/server.log" ;;
+  restart)
+    case "${2:-}" in
+      registry) stop_one registry; start_registry; wait_until registry 120 registry_ready ;;
+      kafka) stop_one kafka; start_kafka; wait_until kafka 90 kafka_ready ;;
+      cassandra) stop_one cassandra; start_cassandra; wait_until cassandra 180 cassandra_ready ;;
+      *) die "restart what? kafka|cassandra|registry" ;;
+    esac
+    say "$2 restarted" ;;
   clean) down && rm -rf "$RUN" ;;
-  *) echo "usage: $0 fetch|up|down|status|logs NAME|clean" >&2; exit 2 ;;
+  *) echo "usage: $0 fetch|up|down|status|logs NAME|restart NAME|clean" >&2; exit 2 ;;
 esac

@@ -268,3 +268,56 @@ async fn sleep_or_shutdown(backoff: &mut Duration, shutdown: &CancellationToken)
         _ = tokio::time::sleep(d) => false,
     }
 }
+
+/// A record as stored, for tooling that must see bytes and headers undecoded
+/// (dead-letter inspection, replay checks).
+#[derive(Clone, Debug)]
+pub struct RawRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Reads up to `max` records of `topic` from the beginning without joining a
+/// consumer group, returning what arrived within `timeout`.
+pub async fn read_raw(
+    config: &LogConfig,
+    topic: &str,
+    max: usize,
+    timeout: Duration,
+) -> Result<Vec<RawRecord>, LogError> {
+    crate::topics::check_topics_exist(config, &[topic.to_string()]).await?;
+    let consumer: StreamConsumer = base_client_config(config)
+        .set("group.id", format!("raw-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < max {
+        let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(m) => m?,
+            Err(_) => break,
+        };
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(RawRecord {
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+    }
+    Ok(out)
+}

@@ -31,7 +31,7 @@ pub mod registry;
 pub mod topics;
 
 pub use config::LogConfig;
-pub use consumer::{ConsumedEvent, EventConsumer, HandlerError};
+pub use consumer::{read_raw, ConsumedEvent, EventConsumer, HandlerError, RawRecord};
 pub use error::LogError;
 pub use producer::{EventProducer, Produced};
 pub use registry::SchemaRegistry;
