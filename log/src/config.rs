@@ -1,10 +1,10 @@
 //! Connection and tuning settings for Kafka and the schema registry, shared by
 //! every service's config struct (as its `[log]` table).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How to reach the log. Every field has a default that matches `make infra-up`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Kafka bootstrap servers, comma-separated `host:port`.

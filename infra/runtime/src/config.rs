@@ -1,11 +1,14 @@
 //! Config loading: defaults, then a TOML file, then `CHAT_*` environment overrides.
 //!
 //! A service declares one `#[serde(deny_unknown_fields)]` struct with defaults.
-//! Environment variables override single keys: `CHAT_KAFKA__BROKERS=...` sets
-//! `kafka.brokers` (a double underscore separates nesting levels; the value is
-//! parsed as TOML when it parses, as a string otherwise).
+//! Environment variables override single keys: `CHAT_LOG__BROKERS=...` sets
+//! `log.brokers` (a double underscore separates nesting levels; the value is
+//! parsed as TOML when it parses, as a string otherwise). Only variables whose
+//! first segment names a top-level key of the struct are read, so other
+//! `CHAT_*` variables (`CHAT_CONFIG`, the stack's ports) are not config keys;
+//! unknown keys in the file are refused.
 
-use serde::de::DeserializeOwned;
+use serde::{de::DeserializeOwned, Serialize};
 use std::path::Path;
 
 /// Why a config could not be loaded. Never retryable: the operator must fix the input.
@@ -27,10 +30,14 @@ pub enum ConfigError {
 
 /// Loads `T` from its serde defaults, the optional file, and the environment
 /// variables that start with `prefix` (e.g. `CHAT_`).
-pub fn load_config<T: DeserializeOwned>(
+pub fn load_config<T: DeserializeOwned + Serialize + Default>(
     file: Option<&Path>,
     prefix: &str,
 ) -> Result<T, ConfigError> {
+    let top_level: Vec<String> = match toml::Value::try_from(T::default()) {
+        Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
+        _ => Vec::new(),
+    };
     let mut table = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -45,7 +52,12 @@ pub fn load_config<T: DeserializeOwned>(
         }
         None => toml::Table::new(),
     };
-    apply_env(&mut table, prefix, std::env::vars());
+    let vars = std::env::vars().filter(|(k, _)| {
+        k.strip_prefix(prefix)
+            .and_then(|rest| rest.split("__").next())
+            .is_some_and(|first| top_level.iter().any(|t| t.eq_ignore_ascii_case(first)))
+    });
+    apply_env(&mut table, prefix, vars);
     toml::Value::Table(table)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use tracing_subscriber::{fmt, EnvFilter};
 
 /// How log lines are written.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Multi-field human-readable lines.

@@ -1,0 +1,61 @@
+# The two commands a newcomer needs:
+#   make run    bring up the local stack and the platform's services
+#   make test   bring up what the tests need, run every test, leave nothing running
+# Everything is installed from this repository's files (servers from Maven
+# Central, crates from crates.io, the Python test client from PyPI).
+
+SHELL := /bin/bash
+VENV  := tests/py/.venv
+CARGO ?= cargo
+
+.PHONY: run test infra-up infra-down infra-status infra-fetch setup build py-deps lint bench clean
+
+## run: start Kafka, Cassandra and the registry, create topics/schemas/tables, run the services
+run: infra-up build setup
+	@echo; echo "Gateway: http://127.0.0.1:$${CHAT_GATEWAY_PORT:-8080}/  (admin: /health, /metrics)"; \
+	echo "Stop with Ctrl-C; then 'make infra-down' stops the servers."; echo; \
+	exec target/debug/chat-gateway
+
+## test: every test (unit and end to end against the real stack)
+test:
+	@bash tests/run-all.sh
+
+infra-fetch:
+	@infra/stack.sh fetch
+
+## infra-up: fetch (cached) and start the servers; idempotent
+infra-up:
+	@infra/stack.sh up
+
+## infra-down: stop exactly the servers infra-up started
+infra-down:
+	@infra/stack.sh down
+
+infra-status:
+	@infra/stack.sh status
+
+build:
+	$(CARGO) build --locked --bins
+
+## setup: create topics, register schemas, migrate Cassandra (all idempotent)
+setup: build
+	target/debug/chat-admin setup
+
+py-deps: $(VENV)/.installed
+
+$(VENV)/.installed: tests/py/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/py/requirements.txt
+	touch $@
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## bench: Kafka produce->consume latency on loopback (needs infra-up)
+bench:
+	$(CARGO) run --release --locked -p chat-tests --bin log-latency
+
+clean:
+	infra/stack.sh clean
+	$(CARGO) clean

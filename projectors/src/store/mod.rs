@@ -1,0 +1,135 @@
+//! The one boundary to Cassandra: connecting, schema migrations and the typed
+//! reads and writes of the projections. No other module uses the driver.
+//!
+//! Statements name tables fully (`keyspace.table`), so one session could serve
+//! several keyspaces and nothing depends on `USE`.
+
+mod config;
+mod error;
+mod messages;
+mod schema;
+
+pub use config::{Replication, StoreConfig};
+pub use error::StoreError;
+pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
+pub use schema::{Migration, MigrationReport, MIGRATIONS};
+
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::deserialize::row::DeserializeRow;
+use scylla::errors::NewSessionError;
+use scylla::response::query_result::QueryResult;
+use scylla::serialize::row::SerializeRow;
+use scylla::statement::prepared::PreparedStatement;
+use scylla::statement::Statement;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// A connected Cassandra session bound to the platform's keyspace. Cheap to
+/// clone; clones share the connections and the prepared statements.
+#[derive(Clone, Debug)]
+pub struct Store {
+    session: Arc<Session>,
+    keyspace: String,
+    prepared: Arc<OnceCell<messages::Prepared>>,
+}
+
+/// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
+/// `cfg.connect_timeout_ms` when no contact point answers. The keyspace need
+/// not exist yet: [`Store::migrate`] creates it.
+pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
+    cfg.validate()?;
+    let timeout = Duration::from_millis(cfg.connect_timeout_ms);
+    let unreachable = |detail: String| StoreError::Unreachable {
+        nodes: cfg.nodes.join(","),
+        detail,
+    };
+    let builder = SessionBuilder::new()
+        .known_nodes(&cfg.nodes)
+        .connection_timeout(timeout);
+    let session = match tokio::time::timeout(timeout, builder.build()).await {
+        Ok(Ok(session)) => session,
+        Ok(Err(e @ (NewSessionError::EmptyKnownNodesList | NewSessionError::IllegalConfig(_)))) => {
+            return Err(StoreError::Config(e.to_string()))
+        }
+        Ok(Err(e)) => return Err(unreachable(e.to_string())),
+        Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
+    };
+    tracing::info!(nodes = %cfg.nodes.join(","), keyspace = %cfg.keyspace, "connected to cassandra");
+    Ok(Store {
+        session: Arc::new(session),
+        keyspace: cfg.keyspace.clone(),
+        prepared: Arc::default(),
+    })
+}
+
+impl Store {
+    /// The keyspace every statement of this store names.
+    pub fn keyspace(&self) -> &str {
+        &self.keyspace
+    }
+
+    /// Names of the tables in the keyspace, sorted (empty when it does not exist).
+    pub async fn tables(&self) -> Result<Vec<String>, StoreError> {
+        let cql = "SELECT table_name FROM system_schema.tables WHERE keyspace_name = ?";
+        let result = self.query("list tables", cql, (&self.keyspace,)).await?;
+        let mut names: Vec<String> = rows::<(String,)>("list tables", result)?
+            .into_iter()
+            .map(|(name,)| name)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Drops the keyspace with all its data. For tests and local resets only:
+    /// a production keyspace is rebuilt by replaying the log, which takes time.
+    pub async fn drop_keyspace(&self) -> Result<(), StoreError> {
+        let cql = format!("DROP KEYSPACE IF EXISTS {}", self.keyspace);
+        self.query("drop keyspace", cql, ()).await?;
+        self.agree().await
+    }
+
+    /// Runs an unprepared statement (DDL, rare reads).
+    async fn query(
+        &self,
+        what: &str,
+        cql: impl Into<Statement>,
+        values: impl SerializeRow,
+    ) -> Result<QueryResult, StoreError> {
+        let result = self.session.query_unpaged(cql, values).await;
+        result.map_err(|e| StoreError::query(what, e))
+    }
+
+    /// Runs a prepared statement.
+    async fn execute(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<QueryResult, StoreError> {
+        let result = self.session.execute_unpaged(statement, values).await;
+        result.map_err(|e| StoreError::query(what, e))
+    }
+
+    /// Waits until every node reports the same schema version.
+    async fn agree(&self) -> Result<(), StoreError> {
+        let result = self.session.await_schema_agreement().await;
+        result
+            .map(drop)
+            .map_err(|e| StoreError::query("await schema agreement", e))
+    }
+}
+
+/// Decodes every row of a result.
+fn rows<R: for<'f> DeserializeRow<'f, 'f>>(
+    what: &str,
+    result: QueryResult,
+) -> Result<Vec<R>, StoreError> {
+    let result = result
+        .into_rows_result()
+        .map_err(|e| StoreError::query(what, e))?;
+    let iter = result.rows::<R>().map_err(|e| StoreError::query(what, e))?;
+    iter.collect::<Result<_, _>>()
+        .map_err(|e| StoreError::query(what, e))
+}

@@ -1,0 +1,131 @@
+//! Schema migrations: an ordered, append-only list, each recorded in
+//! `schema_migrations` once applied.
+//!
+//! Rules for adding one:
+//! - never edit a released migration; append a new version instead;
+//! - only additive changes (new tables, new columns), so running services keep
+//!   working and a projection can be rebuilt from the log at any time;
+//! - every statement is guarded (`IF NOT EXISTS`, `ADD IF NOT EXISTS`) so a
+//!   migration interrupted half way is simply re-run.
+//!
+//! Room left for later features: read receipts use `user_chats.last_read_seq`
+//! (per user) and can get their own per-chat table; media is referenced from
+//! the message `body` JSON; offline queues and push tasks get their own tables.
+
+use std::collections::BTreeSet;
+
+use super::{rows, Replication, Store, StoreError};
+
+/// One schema change. `{ks}` in a statement stands for the keyspace name.
+#[derive(Debug)]
+pub struct Migration {
+    /// Position in the order of application; recorded once applied.
+    pub version: i32,
+    /// What the migration adds, for humans reading `schema_migrations`.
+    pub description: &'static str,
+    /// CQL statements, each idempotent.
+    pub statements: &'static [&'static str],
+}
+
+/// Every migration, in order of application.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "history tables",
+    statements: &[
+        // Every sequenced chat event (not only MessageSent), so sync replays them.
+        // bucket = seq / MESSAGES_PER_BUCKET keeps each partition bounded.
+        "CREATE TABLE IF NOT EXISTS {ks}.messages (
+            chat_id uuid, bucket int, seq bigint,
+            event_id uuid, kind text,
+            sender_user text, sender_device text, client_msg_id text,
+            body text, server_ts timestamp, sequenced_ts timestamp, trace_id text,
+            PRIMARY KEY ((chat_id, bucket), seq)
+        ) WITH CLUSTERING ORDER BY (seq DESC)
+          AND comment = 'every sequenced chat event; bucket = seq / 1024; body is the event as JSON'",
+        // last_seq is written only with USING TIMESTAMP <seq>, so replays never move it back.
+        "CREATE TABLE IF NOT EXISTS {ks}.chats (
+            chat_id uuid PRIMARY KEY,
+            kind text, title text, created_by text, created_at timestamp,
+            max_members int, last_seq bigint
+        ) WITH comment = 'one row per chat; last_seq has write time = seq'",
+        "CREATE TABLE IF NOT EXISTS {ks}.chat_members (
+            chat_id uuid, user_id text, role text, joined_seq bigint,
+            PRIMARY KEY ((chat_id), user_id)
+        ) WITH comment = 'current members of a chat'",
+        "CREATE TABLE IF NOT EXISTS {ks}.user_chats (
+            user_id text, chat_id uuid, role text,
+            joined_seq bigint, left_seq bigint, last_read_seq bigint, muted boolean,
+            PRIMARY KEY ((user_id), chat_id)
+        ) WITH comment = 'the chats of a user, with per-user state'",
+        "CREATE TABLE IF NOT EXISTS {ks}.direct_chats (
+            user_low text, user_high text, chat_id uuid,
+            PRIMARY KEY ((user_low, user_high))
+        ) WITH comment = 'the one 1:1 chat of a user pair (user_low < user_high)'",
+    ],
+}];
+
+/// What [`Store::migrate`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MigrationReport {
+    /// Versions applied by this run, in order.
+    pub applied: Vec<i32>,
+    /// Versions found already recorded.
+    pub already: Vec<i32>,
+}
+
+impl Store {
+    /// Creates the keyspace (with `replication`, if it does not exist yet) and
+    /// applies every migration not recorded in `schema_migrations`. Safe to run
+    /// again at any time: a second run applies nothing. Run it from one process
+    /// at a time (the admin tool), not from every service replica.
+    pub async fn migrate(&self, replication: &Replication) -> Result<MigrationReport, StoreError> {
+        replication.validate()?;
+        let ks = &self.keyspace;
+        let keyspace = format!(
+            "CREATE KEYSPACE IF NOT EXISTS {ks} WITH replication = {}",
+            replication.cql_map()
+        );
+        self.query("create keyspace", keyspace, ()).await?;
+        let ledger = format!(
+            "CREATE TABLE IF NOT EXISTS {ks}.schema_migrations \
+             (version int PRIMARY KEY, description text, applied_at timestamp)"
+        );
+        self.query("create schema_migrations", ledger, ()).await?;
+        self.agree().await?;
+
+        let what = "read schema_migrations";
+        let result = self
+            .query(
+                what,
+                format!("SELECT version FROM {ks}.schema_migrations"),
+                (),
+            )
+            .await?;
+        let recorded: BTreeSet<i32> = rows::<(i32,)>(what, result)?
+            .into_iter()
+            .map(|(v,)| v)
+            .collect();
+
+        let mut report = MigrationReport::default();
+        for m in MIGRATIONS {
+            if recorded.contains(&m.version) {
+                report.already.push(m.version);
+                continue;
+            }
+            let what = format!("apply migration {} ({})", m.version, m.description);
+            for statement in m.statements {
+                self.query(&what, statement.replace("{ks}", ks), ()).await?;
+            }
+            self.agree().await?;
+            let record = format!(
+                "INSERT INTO {ks}.schema_migrations (version, description, applied_at) \
+                 VALUES (?, ?, toTimestamp(now()))"
+            );
+            self.query(&what, record, (m.version, m.description))
+                .await?;
+            tracing::info!(keyspace = %ks, version = m.version, description = m.description, "applied migration");
+            report.applied.push(m.version);
+        }
+        Ok(report)
+    }
+}
