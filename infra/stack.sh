@@ -32,6 +32,8 @@ CASSANDRA_HOME="$CACHE/cassandra-$CASSANDRA_VERSION"
 APICURIO_HOME="$CACHE/apicurio-registry-$APICURIO_VERSION"
 
 MVN=(mvn -B -q -Dstyle.color=never)
+# Maven's local repository (a cache outside the tree, shared with other Maven use).
+M2=${MAVEN_REPO_LOCAL:-$HOME/.m2/repository}
 
 say() { printf '[infra] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -49,7 +51,7 @@ fetch_kafka() {
   [ -f "$KAFKA_HOME/.complete" ] && return 0
   say "fetching Apache Kafka $KAFKA_VERSION from Maven Central"
   rm -rf "$KAFKA_HOME" && mkdir -p "$KAFKA_HOME"
-  "${MVN[@]}" -f "$INFRA/maven/kafka/pom.xml" dependency:copy-dependencies \
+  "${MVN[@]}" -Dmaven.repo.local="$M2" -f "$INFRA/maven/kafka/pom.xml" dependency:copy-dependencies \
     -Dkafka.version="$KAFKA_VERSION" -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/lib"
   touch "$KAFKA_HOME/.complete"
 }
@@ -58,7 +60,7 @@ fetch_cassandra() {
   [ -f "$CASSANDRA_HOME/.complete" ] && return 0
   say "fetching Apache Cassandra $CASSANDRA_VERSION from Maven Central"
   rm -rf "$CASSANDRA_HOME" && mkdir -p "$CASSANDRA_HOME"
-  "${MVN[@]}" -f "$INFRA/maven/cassandra/pom.xml" dependency:copy-dependencies \
+  "${MVN[@]}" -Dmaven.repo.local="$M2" -f "$INFRA/maven/cassandra/pom.xml" dependency:copy-dependencies \
     -Dcassandra.version="$CASSANDRA_VERSION" -DincludeScope=runtime -DoutputDirectory="$CASSANDRA_HOME/lib"
   touch "$CASSANDRA_HOME/.complete"
 }
@@ -68,7 +70,7 @@ fetch_registry() {
   say "fetching Apicurio Registry $APICURIO_VERSION from Maven Central"
   # The `all` zip is fetched without its parent POM (which Central does not
   # serve for every release), so `dependency:get` with transitive=false.
-  local repo="${MAVEN_REPO_LOCAL:-$HOME/.m2/repository}"
+  local repo="$M2"
   "${MVN[@]}" -Dmaven.repo.local="$repo" dependency:get \
     -Dartifact="io.apicurio:apicurio-registry-app:$APICURIO_VERSION:zip:all" -Dtransitive=false
   rm -rf "$APICURIO_HOME" && mkdir -p "$APICURIO_HOME"
@@ -202,6 +204,9 @@ start_registry() {
 }
 
 registry_ready() {
+  # HTTP answers before the kafkasql journal is replayed; until then the
+  # registry would not know the schemas it already holds.
+  grep -q "KafkaSQL storage bootstrapped" "$RUN/registry/server.log" 2>/dev/null &&
   curl -fsS "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7/subjects" >/dev/null 2>&1
 }
 

@@ -1,13 +1,13 @@
 //! How to reach Cassandra and how to replicate the keyspace (the `[store]`
 //! table of a service's config).
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
 use super::StoreError;
 
 /// How to reach Cassandra. Every field has a default that matches `make infra-up`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// Contact points, `host:port`. The driver discovers the rest of the
@@ -59,7 +59,7 @@ impl StoreConfig {
 /// replication = { class = "SimpleStrategy", replication_factor = 1 }
 /// replication = { class = "NetworkTopologyStrategy", datacenters = { dc1 = 3 } }
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "class", deny_unknown_fields)]
 pub enum Replication {
     /// One replica set for the whole cluster, ignoring topology (development).
