@@ -32,7 +32,30 @@ pub struct ConsumedEvent {
     pub trace_id: String,
     /// The registry id of the writer schema.
     pub schema_id: u32,
+    /// Every Kafka header of the record, in order.
+    pub headers: Vec<(String, Vec<u8>)>,
     pub envelope: Envelope,
+}
+
+impl ConsumedEvent {
+    /// The first header named `key`, as UTF-8 (lossy).
+    pub fn header(&self, key: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// Every header of a message, owned.
+pub(crate) fn owned_headers<M: Message>(msg: &M) -> Vec<(String, Vec<u8>)> {
+    msg.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// What a handler says about a record it could not process.
@@ -136,12 +159,11 @@ impl EventConsumer {
                 (msg.topic().to_string(), msg.partition(), msg.offset());
             let payload = msg.payload().unwrap_or_default().to_vec();
             let key = msg.key().map(<[u8]>::to_vec);
-            let header_trace = msg.headers().and_then(|h| {
-                h.iter()
-                    .find(|h| h.key == HEADER_TRACE_ID)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            });
+            let headers = owned_headers(&msg);
+            let header_trace = headers
+                .iter()
+                .find(|(k, _)| k == HEADER_TRACE_ID)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
             drop(msg);
 
             let mut backoff = Duration::from_millis(50);
@@ -157,6 +179,7 @@ impl EventConsumer {
                             offset,
                             key: key.clone(),
                             schema_id,
+                            headers: headers.clone(),
                             envelope,
                         })
                     }
@@ -303,14 +326,7 @@ pub async fn read_raw(
             Ok(m) => m?,
             Err(_) => break,
         };
-        let headers = msg
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = owned_headers(&msg);
         out.push(RawRecord {
             partition: msg.partition(),
             offset: msg.offset(),

@@ -28,6 +28,7 @@ pub mod consumer;
 pub mod error;
 pub mod producer;
 pub mod registry;
+pub mod tail;
 pub mod topics;
 
 pub use config::LogConfig;
@@ -35,9 +36,16 @@ pub use consumer::{read_raw, ConsumedEvent, EventConsumer, HandlerError, RawReco
 pub use error::LogError;
 pub use producer::{EventProducer, Produced};
 pub use registry::SchemaRegistry;
-pub use topics::{TopicSpec, Topics};
+pub use tail::{TailItem, TailStart, TopicTail};
+pub use topics::{deliveries_partition, TopicSpec, Topics};
 
 /// Kafka header that carries the trace id from the socket to the delivery.
 pub const HEADER_TRACE_ID: &str = "trace_id";
 /// Kafka header with the Avro record name of the envelope's body.
 pub const HEADER_EVENT_KIND: &str = "event_kind";
+/// Kafka header on `chat.commands` records: the gateway holding the sending
+/// device, where the sequencer sends its `CommandResult`.
+pub const HEADER_GATEWAY_ID: &str = "gateway_id";
+/// Kafka header on `chat.deliveries` records: comma-separated user ids on the
+/// target gateway that should receive the event.
+pub const HEADER_RECIPIENTS: &str = "recipients";

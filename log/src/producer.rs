@@ -15,6 +15,26 @@ use crate::error::from_kafka;
 use crate::topics::{base_client_config, check_brokers};
 use crate::{LogConfig, LogError, SchemaRegistry, HEADER_EVENT_KIND, HEADER_TRACE_ID};
 
+/// The headers every envelope record carries, plus `extra`.
+pub(crate) fn envelope_headers(envelope: &Envelope, extra: &[(&str, &[u8])]) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_TRACE_ID,
+            value: Some(envelope.trace_id.as_bytes()),
+        })
+        .insert(Header {
+            key: HEADER_EVENT_KIND,
+            value: Some(envelope.body.kind().as_bytes()),
+        });
+    for (key, value) in extra {
+        headers = headers.insert(Header {
+            key,
+            value: Some(*value),
+        });
+    }
+    headers
+}
+
 /// Where a record landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Produced {
@@ -69,19 +89,36 @@ impl EventProducer {
         key: &str,
         envelope: &Envelope,
     ) -> Result<Produced, LogError> {
+        self.send_with(topic, None, key, envelope, &[]).await
+    }
+
+    /// Like [`send`](Self::send), to an explicit partition (None: by key) and
+    /// with extra headers (e.g. [`crate::HEADER_GATEWAY_ID`] on commands).
+    pub async fn send_with(
+        &self,
+        topic: &str,
+        partition: Option<i32>,
+        key: &str,
+        envelope: &Envelope,
+        extra_headers: &[(&str, &[u8])],
+    ) -> Result<Produced, LogError> {
         tracing::Span::current().record("topic", topic);
         let payload = self.registry.encode(topic, envelope).await?;
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_TRACE_ID,
-                value: Some(envelope.trace_id.as_bytes()),
-            })
-            .insert(Header {
-                key: HEADER_EVENT_KIND,
-                value: Some(envelope.body.kind().as_bytes()),
-            });
-        self.send_raw(topic, Some(key.as_bytes()), &payload, headers)
-            .await
+        let headers = envelope_headers(envelope, extra_headers);
+        let mut record = FutureRecord::to(topic)
+            .payload(&payload)
+            .key(key.as_bytes())
+            .headers(headers);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        match self.inner.send(record, Timeout::Never).await {
+            Ok(delivery) => Ok(Produced {
+                partition: delivery.partition,
+                offset: delivery.offset,
+            }),
+            Err((e, _)) => Err(from_kafka(e, topic)),
+        }
     }
 
     /// Appends pre-encoded bytes (dead-lettering keeps the original bytes).

@@ -88,6 +88,20 @@ impl Topics {
     }
 }
 
+/// The `chat.deliveries` partition a gateway tails. Producers set the
+/// partition explicitly with this function (rather than relying on a client's
+/// key partitioner, which differs between librdkafka and Java), so every
+/// writer and the gateway agree. Gateways that share a partition filter by key.
+pub fn deliveries_partition(gateway_id: &str, partitions: i32) -> i32 {
+    // FNV-1a: stable across versions and languages, trivial to reimplement.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in gateway_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h % partitions.max(1) as u32) as i32
+}
+
 pub(crate) fn base_client_config(config: &LogConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.brokers)
@@ -194,6 +208,23 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), specs.len());
+    }
+
+    #[test]
+    fn deliveries_partition_is_stable_and_in_range() {
+        assert_eq!(
+            deliveries_partition("gw-1", 12),
+            deliveries_partition("gw-1", 12)
+        );
+        for i in 0..100 {
+            let p = deliveries_partition(&format!("gw-{i}"), 12);
+            assert!((0..12).contains(&p));
+        }
+        // FNV-1a of "a" is 0xe40c292c.
+        assert_eq!(
+            deliveries_partition("a", 1000),
+            (0xe40c_292c_u32 % 1000) as i32
+        );
     }
 
     #[test]

@@ -45,6 +45,9 @@ avsc_files![
     "SessionOpened",
     "SessionClosed",
     "PushTask",
+    "CommandOutcome",
+    "CommandResult",
+    "SessionRouted",
 ];
 
 /// Full name of the root record.

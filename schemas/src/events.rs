@@ -243,6 +243,37 @@ avro_record! {
     }
 }
 
+avro_enum! {
+    /// `chat.v1.CommandOutcome`: what the sequencer did with a command.
+    CommandOutcome { Accepted = "accepted", Duplicate = "duplicate", Rejected = "rejected" }
+}
+
+avro_record! {
+    /// `chat.v1.CommandResult`: the sequencer's answer to one client command.
+    CommandResult {
+        /// event_id of the command this answers.
+        command_event_id: Uuid,
+        /// accepted, duplicate (seq is the original) or rejected.
+        outcome: CommandOutcome,
+        /// The event's per-chat seq; None when rejected.
+        seq: Option<u64>,
+        /// Stable error code when rejected.
+        code: Option<String>,
+        /// Human-readable explanation when rejected.
+        reason: Option<String>,
+    }
+}
+
+avro_record! {
+    /// `chat.v1.SessionRouted`: the router routes live events to a new session from these offsets on.
+    SessionRouted {
+        /// The session (from SessionOpened).
+        session_id: Uuid,
+        /// Per chat.events partition (index), the next offset the router will route.
+        router_offsets: Vec<u64>,
+    }
+}
+
 avro_union! {
     /// The `body` union of [`Envelope`]: exactly one event. Variant order is
     /// the union order of the schema; new variants are only ever appended.
@@ -262,6 +293,8 @@ avro_union! {
         SessionOpened,
         SessionClosed,
         PushTask,
+        CommandResult,
+        SessionRouted,
     }
 }
 

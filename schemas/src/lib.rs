@@ -63,3 +63,36 @@ pub fn decode_datum(bytes: &[u8]) -> Result<Envelope, SchemaError> {
     }
     Envelope::from_avro(value)
 }
+
+/// Namespace of the deterministic ids of 1:1 chats.
+const DIRECT_CHAT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6368_6174_2d76_312d_6469_7265_6374_0001);
+
+/// The id of the one 1:1 chat between two users: a UUIDv5 of the ordered
+/// pair, so creating it twice (from either side, on any gateway) names the
+/// same chat and the sequencer answers the second create as a duplicate.
+pub fn direct_chat_id(a: &str, b: &str) -> uuid::Uuid {
+    let (low, high) = if a <= b { (a, b) } else { (b, a) };
+    let name = format!("{}\u{0}{}", low, high);
+    uuid::Uuid::new_v5(&DIRECT_CHAT_NAMESPACE, name.as_bytes())
+}
+
+#[cfg(test)]
+mod direct_tests {
+    #[test]
+    fn direct_chat_id_is_symmetric_and_distinct() {
+        assert_eq!(
+            super::direct_chat_id("a", "b"),
+            super::direct_chat_id("b", "a")
+        );
+        assert_ne!(
+            super::direct_chat_id("a", "b"),
+            super::direct_chat_id("a", "c")
+        );
+        // The separator keeps ("ab","c") apart from ("a","bc").
+        assert_ne!(
+            super::direct_chat_id("ab", "c"),
+            super::direct_chat_id("a", "bc")
+        );
+    }
+}

@@ -141,6 +141,35 @@ fn body() -> impl Strategy<Value = Body> {
                 })
             }
         ),
+        (uuid(), outcome(), of(seq()), of(text()), of(text())).prop_map(
+            |(command_event_id, outcome, seq, code, reason)| {
+                Body::CommandResult(CommandResult {
+                    command_event_id,
+                    outcome,
+                    seq,
+                    code,
+                    reason,
+                })
+            }
+        ),
+        session_routed(),
+    ]
+}
+
+fn session_routed() -> impl Strategy<Value = Body> {
+    (uuid(), proptest::collection::vec(seq(), 0..16)).prop_map(|(session_id, router_offsets)| {
+        Body::SessionRouted(SessionRouted {
+            session_id,
+            router_offsets,
+        })
+    })
+}
+
+fn outcome() -> impl Strategy<Value = CommandOutcome> {
+    prop_oneof![
+        Just(CommandOutcome::Accepted),
+        Just(CommandOutcome::Duplicate),
+        Just(CommandOutcome::Rejected)
     ]
 }
 

@@ -171,6 +171,17 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             attempt: 0,
             not_before: 1_767_225_600_000,
         }),
+        Body::CommandResult(CommandResult {
+            command_event_id: Uuid::new_v4(),
+            outcome: CommandOutcome::Rejected,
+            seq: None,
+            code: Some("not_member".into()),
+            reason: Some("you are not a member of this chat".into()),
+        }),
+        Body::SessionRouted(SessionRouted {
+            session_id: Uuid::new_v4(),
+            router_offsets: vec![0, 17, 4],
+        }),
     ];
     bodies
         .into_iter()
