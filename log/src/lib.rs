@@ -26,6 +26,7 @@
 pub mod config;
 pub mod consumer;
 pub mod error;
+pub mod partitioned;
 pub mod producer;
 pub mod registry;
 pub mod tail;
@@ -34,7 +35,8 @@ pub mod topics;
 pub use config::LogConfig;
 pub use consumer::{read_raw, ConsumedEvent, EventConsumer, HandlerError, RawRecord};
 pub use error::LogError;
-pub use producer::{EventProducer, Produced};
+pub use partitioned::{Batch, BatchRecord, OutRecord, PartitionedConsumer, TxnError, TxnProducer};
+pub use producer::{EventProducer, Outgoing, Produced};
 pub use registry::SchemaRegistry;
 pub use tail::{TailItem, TailStart, TopicTail};
 pub use topics::{deliveries_partition, TopicSpec, Topics};

@@ -35,6 +35,18 @@ pub(crate) fn envelope_headers(envelope: &Envelope, extra: &[(&str, &[u8])]) -> 
     headers
 }
 
+/// One envelope to append with [`EventProducer::send_batch`].
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub topic: String,
+    /// None: chosen by key.
+    pub partition: Option<i32>,
+    pub key: String,
+    pub envelope: Envelope,
+    /// Extra headers besides trace id and event kind.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
 /// Where a record landed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Produced {
@@ -119,6 +131,47 @@ impl EventProducer {
             }),
             Err((e, _)) => Err(from_kafka(e, topic)),
         }
+    }
+
+    /// Appends several envelopes in order: all are encoded first, then
+    /// enqueued back to back (so their order within a partition is kept),
+    /// then awaited together.
+    pub async fn send_batch(&self, records: Vec<Outgoing>) -> Result<Vec<Produced>, LogError> {
+        let mut encoded = Vec::with_capacity(records.len());
+        for r in &records {
+            encoded.push(self.registry.encode(&r.topic, &r.envelope).await?);
+        }
+        let mut pending = Vec::with_capacity(records.len());
+        for (r, payload) in records.iter().zip(&encoded) {
+            let extra: Vec<(&str, &[u8])> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect();
+            let mut record = FutureRecord::to(&r.topic)
+                .payload(payload)
+                .key(r.key.as_bytes())
+                .headers(envelope_headers(&r.envelope, &extra));
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
+            match self.inner.send_result(record) {
+                Ok(f) => pending.push(f),
+                Err((e, _)) => return Err(from_kafka(e, &r.topic)),
+            }
+        }
+        let mut out = Vec::with_capacity(pending.len());
+        for (f, r) in pending.into_iter().zip(&records) {
+            match f.await {
+                Ok(Ok(d)) => out.push(Produced {
+                    partition: d.partition,
+                    offset: d.offset,
+                }),
+                Ok(Err((e, _))) => return Err(from_kafka(e, &r.topic)),
+                Err(_) => return Err(LogError::Config("producer dropped a delivery".into())),
+            }
+        }
+        Ok(out)
     }
 
     /// Appends pre-encoded bytes (dead-lettering keeps the original bytes).

@@ -181,11 +181,32 @@ impl TopicTail {
 
     /// Reads every record written before this call and hands it to `f`;
     /// returns when every assigned partition is caught up to that point.
-    pub async fn read_to_end(&self, mut f: impl FnMut(TailItem)) -> Result<(), LogError> {
+    pub async fn read_to_end(&self, f: impl FnMut(TailItem)) -> Result<(), LogError> {
         let ends = self.high_watermarks().await?;
-        while !self.reached(&ends)? {
+        self.read_until(&ends, f).await
+    }
+
+    /// Reads records and hands them to `f` until every assigned partition's
+    /// position reached `ends` (records at or past an end are not handed out).
+    pub async fn read_until(
+        &self,
+        ends: &HashMap<i32, i64>,
+        mut f: impl FnMut(TailItem),
+    ) -> Result<(), LogError> {
+        while !self.reached(ends)? {
             match tokio::time::timeout(Duration::from_millis(200), self.next()).await {
-                Ok(item) => f(item?),
+                Ok(item) => {
+                    let item = item?;
+                    let (p, o) = match &item {
+                        TailItem::Event(e) => (e.partition, e.offset),
+                        TailItem::Undecodable {
+                            partition, offset, ..
+                        } => (*partition, *offset),
+                    };
+                    if o < ends.get(&p).copied().unwrap_or(i64::MAX) {
+                        f(item);
+                    }
+                }
                 Err(_) => continue,
             }
         }

@@ -1,0 +1,114 @@
+//! The session registry as the router sees it, and the positions up to which
+//! it has routed each `chat.events` partition.
+
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Where a user's sessions are.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    by_user: HashMap<String, HashMap<Uuid, String>>,
+    /// Per owned chat.events partition, the next offset to route.
+    positions: HashMap<i32, i64>,
+}
+
+impl Sessions {
+    pub(crate) fn open(&mut self, user: &str, session: Uuid, gateway: &str) {
+        self.by_user
+            .entry(user.to_string())
+            .or_default()
+            .insert(session, gateway.to_string());
+    }
+
+    pub(crate) fn close(&mut self, user: &str, session: &Uuid) {
+        if let Some(s) = self.by_user.get_mut(user) {
+            s.remove(session);
+            if s.is_empty() {
+                self.by_user.remove(user);
+            }
+        }
+    }
+
+    /// Gateways holding any of `users`, each with the users it holds (sorted).
+    pub(crate) fn gateways_of<'a>(
+        &self,
+        users: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<(String, Vec<String>)> {
+        let mut by_gw: HashMap<&str, Vec<String>> = HashMap::new();
+        for u in users {
+            if let Some(sessions) = self.by_user.get(u) {
+                let mut gws: Vec<&str> = sessions.values().map(String::as_str).collect();
+                gws.sort_unstable();
+                gws.dedup();
+                for gw in gws {
+                    by_gw.entry(gw).or_default().push(u.clone());
+                }
+            }
+        }
+        let mut out: Vec<(String, Vec<String>)> = by_gw
+            .into_iter()
+            .map(|(g, mut us)| {
+                us.sort();
+                (g.to_string(), us)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub(crate) fn routed(&mut self, partition: i32, next_offset: i64) {
+        self.positions.insert(partition, next_offset);
+    }
+
+    pub(crate) fn forget_partition(&mut self, partition: i32) {
+        self.positions.remove(&partition);
+    }
+
+    /// `router_offsets` for SessionRouted: u64::MAX where this instance does
+    /// not know the partition (not owned, or nothing routed yet).
+    pub(crate) fn offsets(&self, partitions: i32) -> Vec<u64> {
+        (0..partitions)
+            .map(|p| self.positions.get(&p).map_or(u64::MAX, |o| *o as u64))
+            .collect()
+    }
+
+    pub(crate) fn users(&self) -> usize {
+        self.by_user.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_entry_per_gateway_with_its_users() {
+        let mut s = Sessions::default();
+        let (a1, a2, b1) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        s.open("ann", a1, "gw-1");
+        s.open("ann", a2, "gw-2");
+        s.open("bob", b1, "gw-1");
+        let users = ["ann".to_string(), "bob".to_string(), "cat".to_string()];
+        assert_eq!(
+            s.gateways_of(&users),
+            vec![
+                ("gw-1".into(), vec!["ann".into(), "bob".into()]),
+                ("gw-2".into(), vec!["ann".into()])
+            ]
+        );
+        s.close("ann", &a2);
+        assert_eq!(s.gateways_of(&users).len(), 1);
+        s.close("bob", &b1);
+        s.close("ann", &a1);
+        assert_eq!(s.users(), 0);
+    }
+
+    #[test]
+    fn unknown_partitions_are_marked() {
+        let mut s = Sessions::default();
+        s.routed(1, 42);
+        assert_eq!(s.offsets(3), vec![u64::MAX, 42, u64::MAX]);
+        s.forget_partition(1);
+        assert_eq!(s.offsets(2), vec![u64::MAX, u64::MAX]);
+    }
+}

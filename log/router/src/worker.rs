@@ -1,0 +1,321 @@
+//! The router's two loops: the session registry tail and the event router.
+
+use chat_log::{
+    deliveries_partition, BatchRecord, EventProducer, LogConfig, Outgoing, PartitionedConsumer,
+    SchemaRegistry, TailItem, TailStart, TopicTail, Topics, HEADER_RECIPIENTS,
+};
+use chat_runtime::telemetry::LogFormat;
+use chat_runtime::{Health, Shutdown};
+use chat_schemas::{Body, Envelope, SessionRouted};
+use chat_sequencer::state::PartitionState;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::sessions::Sessions;
+
+/// The router's config (`chat-router --help` lists every key).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterConfig {
+    /// Admin endpoint (`/health`, `/metrics`).
+    pub listen: SocketAddr,
+    /// Consumer group of all router instances on `chat.events`.
+    pub group_id: String,
+    /// Most events routed per batch.
+    pub batch_max: usize,
+    /// How long a batch waits for more events after the first, in microseconds.
+    pub batch_linger_us: u64,
+    /// Log line format: `pretty` or `json`.
+    pub log_format: LogFormat,
+    /// Kafka and the registry.
+    pub log: LogConfig,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9103)),
+            group_id: "router".into(),
+            batch_max: 500,
+            batch_linger_us: 500,
+            log_format: LogFormat::Pretty,
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Clone, Default)]
+struct Metrics {
+    events: Counter,
+    deliveries: Counter,
+    sessions: Gauge,
+}
+
+/// Runs one router instance until `shutdown`.
+pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let health = Health::new();
+    health.not_ready("sessions", "reading the session registry");
+    let registry = Arc::new(SchemaRegistry::new(&config.log)?);
+    registry.check_reachable().await?;
+    let topics = Topics::new(&config.log);
+    let producer = EventProducer::connect(&config.log, registry.clone()).await?;
+    let metrics = Metrics::default();
+    let mut reg = Registry::with_prefix("chat_router");
+    reg.register("events", "Chat events routed", metrics.events.clone());
+    reg.register(
+        "deliveries",
+        "Delivery records written (one per gateway per event)",
+        metrics.deliveries.clone(),
+    );
+    reg.register(
+        "sessions_users",
+        "Users with at least one known session",
+        metrics.sessions.clone(),
+    );
+    let (_, admin) = chat_runtime::serve_admin(
+        config.listen,
+        health.clone(),
+        Arc::new(reg),
+        shutdown.clone(),
+    )
+    .await?;
+
+    // The registry as it is now, before routing anything.
+    let sessions = Arc::new(Mutex::new(Sessions::default()));
+    let tail = TopicTail::open(
+        &config.log,
+        registry.clone(),
+        &topics.sessions,
+        None,
+        TailStart::Beginning,
+    )
+    .await?;
+    tail.read_to_end(|item| {
+        apply_session(&sessions, &item);
+    })
+    .await?;
+    health.ready("sessions");
+    let sessions_task = tokio::spawn(follow_sessions(
+        tail,
+        sessions.clone(),
+        producer.clone(),
+        topics.clone(),
+        config.log.chat_partitions,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+
+    let mut consumer = PartitionedConsumer::connect(
+        &config.log,
+        registry.clone(),
+        &config.group_id,
+        &topics.events,
+    )
+    .await?;
+    let mut members: HashMap<i32, PartitionState> = HashMap::new();
+    let token = shutdown.token();
+    let linger = Duration::from_micros(config.batch_linger_us);
+    while let Some(batch) = consumer
+        .next_batch(config.batch_max, linger, &token)
+        .await?
+    {
+        let p = batch.partition;
+        if batch.fresh || !members.contains_key(&p) {
+            let state = rebuild(
+                &config.log,
+                registry.clone(),
+                &topics.events,
+                p,
+                batch.first_offset(),
+            )
+            .await?;
+            members.insert(p, state);
+        }
+        let Some(state) = members.get_mut(&p) else {
+            continue;
+        };
+        let mut out = Vec::new();
+        for rec in &batch.records {
+            let BatchRecord::Event(ev) = rec else {
+                tracing::warn!(
+                    partition = p,
+                    offset = rec.offset(),
+                    "undecodable event skipped"
+                );
+                continue;
+            };
+            metrics.events.inc();
+            route(
+                &ev.envelope,
+                state,
+                &sessions,
+                p,
+                ev.offset,
+                &topics,
+                config.log.chat_partitions,
+                &mut out,
+            );
+        }
+        let n = out.len() as u64;
+        let sent = producer.send_batch(out).await;
+        match sent {
+            Ok(_) => {
+                metrics.deliveries.inc_by(n);
+                consumer.commit_offset(p, batch.next_offset()).await?;
+            }
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "routing failed; retrying the batch");
+                members.remove(&p);
+                if let Ok(mut s) = sessions.lock() {
+                    s.forget_partition(p);
+                }
+                consumer.rewind(p, batch.first_offset()).await?;
+            }
+        }
+    }
+    tracing::info!("router stopping");
+    sessions_task.abort();
+    producer.flush(Duration::from_secs(5)).await.ok();
+    admin.await.ok();
+    Ok(())
+}
+
+/// Appends the delivery records of one event to `out`.
+#[allow(clippy::too_many_arguments)]
+fn route(
+    ev: &Envelope,
+    state: &mut PartitionState,
+    sessions: &Mutex<Sessions>,
+    partition: i32,
+    offset: i64,
+    topics: &Topics,
+    partitions: i32,
+    out: &mut Vec<Outgoing>,
+) {
+    let Some(chat) = ev.chat_id else { return };
+    state.apply(ev);
+    let mut recipients: BTreeSet<String> = state
+        .chat(&chat)
+        .map(|c| c.members.keys().cloned().collect())
+        .unwrap_or_default();
+    if let Body::MemberRemoved(m) = &ev.body {
+        recipients.insert(m.user_id.clone());
+    }
+    let span = tracing::debug_span!("route", %chat, seq = ?ev.seq, trace_id = %ev.trace_id);
+    let _g = span.enter();
+    let Ok(mut s) = sessions.lock() else { return };
+    let targets = s.gateways_of(&recipients);
+    s.routed(partition, offset + 1);
+    drop(s);
+    for (gateway, users) in targets {
+        out.push(Outgoing {
+            topic: topics.deliveries.clone(),
+            partition: Some(deliveries_partition(&gateway, partitions)),
+            key: gateway,
+            envelope: ev.clone(),
+            headers: vec![(HEADER_RECIPIENTS.into(), users.join(",").into_bytes())],
+        });
+    }
+}
+
+/// Membership of the chats of partition `p` as of offset `until` (exclusive).
+async fn rebuild(
+    config: &LogConfig,
+    registry: Arc<SchemaRegistry>,
+    events_topic: &str,
+    p: i32,
+    until: i64,
+) -> anyhow::Result<PartitionState> {
+    let tail = TopicTail::open(
+        config,
+        registry,
+        events_topic,
+        Some(vec![p]),
+        TailStart::Beginning,
+    )
+    .await?;
+    let mut state = PartitionState::default();
+    tail.read_until(&HashMap::from([(p, until)]), |item| {
+        if let TailItem::Event(ev) = item {
+            state.apply(&ev.envelope);
+        }
+    })
+    .await?;
+    Ok(state)
+}
+
+fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<(Uuid, String, String)> {
+    let TailItem::Event(ev) = item else {
+        return None;
+    };
+    let e = &ev.envelope;
+    let mut s = sessions.lock().ok()?;
+    match &e.body {
+        Body::SessionOpened(o) => {
+            s.open(&e.sender_user, o.session_id, &o.gateway_id);
+            Some((o.session_id, o.gateway_id.clone(), e.sender_user.clone()))
+        }
+        Body::SessionClosed(c) => {
+            s.close(&e.sender_user, &c.session_id);
+            None
+        }
+        _ => None,
+    }
+}
+
+async fn follow_sessions(
+    tail: TopicTail,
+    sessions: Arc<Mutex<Sessions>>,
+    producer: EventProducer,
+    topics: Topics,
+    partitions: i32,
+    metrics: Metrics,
+    shutdown: Shutdown,
+) {
+    loop {
+        let item = tokio::select! {
+            _ = shutdown.wait() => return,
+            i = tail.next() => i,
+        };
+        let item = match item {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(error = %e, "session registry read failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let opened = apply_session(&sessions, &item);
+        let offsets = sessions.lock().map(|s| {
+            metrics.sessions.set(s.users() as i64);
+            s.offsets(partitions)
+        });
+        let (Some((session_id, gateway, user)), Ok(router_offsets)) = (opened, offsets) else {
+            continue;
+        };
+        let TailItem::Event(ev) = &item else { continue };
+        let mut answer = ev.envelope.clone();
+        answer.event_id = Uuid::new_v4();
+        answer.body = Body::SessionRouted(SessionRouted {
+            session_id,
+            router_offsets,
+        });
+        let out = Outgoing {
+            topic: topics.deliveries.clone(),
+            partition: Some(deliveries_partition(&gateway, partitions)),
+            key: gateway,
+            envelope: answer,
+            headers: vec![(HEADER_RECIPIENTS.into(), user.into_bytes())],
+        };
+        if let Err(e) = producer.send_batch(vec![out]).await {
+            tracing::warn!(error = %e, "could not send SessionRouted");
+        }
+    }
+}

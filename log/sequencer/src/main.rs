@@ -1,0 +1,45 @@
+//! `chat-sequencer`: thin binary; the logic lives in the library.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+const OPTIONS_HELP: &str = "\
+Configuration (TOML keys; override with CHAT_<KEY>, nested keys joined by __):
+  listen                      admin endpoint /health /metrics     [127.0.0.1:9102]
+  group_id                    consumer group of all instances     [sequencer]
+  transactional_prefix        per-partition transactional id prefix [chat-sequencer]
+  batch_max                   most commands per transaction       [500]
+  batch_linger_us             wait for more commands, microseconds [500]
+  limits.max_group_members    largest group                       [1000]
+  limits.max_text_bytes       largest message text                [16384]
+  log_format                  pretty | json                       [pretty]
+  log.*                       as in chat-gateway --help";
+
+#[derive(Parser, Debug)]
+#[command(name = "chat-sequencer", version, about = "Validates, dedupes and sequences chat commands", after_help = OPTIONS_HELP)]
+struct Args {
+    /// TOML config file; environment variables CHAT_* override its keys.
+    #[arg(long, env = "CHAT_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let config: chat_sequencer::SequencerConfig =
+        match chat_runtime::load_config(args.config.as_deref(), "CHAT_") {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("chat-sequencer: {e}");
+                return std::process::ExitCode::from(2);
+            }
+        };
+    chat_runtime::telemetry::init(config.log_format);
+    match chat_sequencer::run(config, chat_runtime::Shutdown::on_signals()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chat-sequencer: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

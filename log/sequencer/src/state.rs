@@ -1,0 +1,621 @@
+//! The sequencer's state for one partition, and its decisions. Pure: no I/O,
+//! so the rules are unit- and property-tested here.
+//!
+//! The state is a fold of `chat.events` (one partition): for every chat its
+//! kind, members with roles, last seq and member limit, and every
+//! (chat, sender, device, client message id) already sequenced with its seq.
+//! Dedupe therefore lasts as long as the log is kept, not a window.
+//!
+//! The delivery router folds the same events with [`PartitionState::apply`]
+//! to know each chat's members at each seq.
+
+use chat_schemas::{
+    direct_chat_id, Body, ChatCreated, ChatKind, ChatMember, CommandOutcome, Envelope,
+    RemovalReason, Role,
+};
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Limits the sequencer enforces (the gateway checks sizes too; this is the
+/// authority).
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most members a group may have (creator included).
+    pub max_group_members: u32,
+    /// Largest message text, in bytes of UTF-8.
+    pub max_text_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_group_members: 1000,
+            max_text_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// One chat as the log says it is now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatState {
+    pub kind: ChatKind,
+    pub members: HashMap<String, Role>,
+    pub last_seq: u64,
+    pub max_members: u32,
+}
+
+type DedupeKey = (Uuid, String, String, String);
+
+/// The fold of one partition of `chat.events`.
+#[derive(Clone, Debug, Default)]
+pub struct PartitionState {
+    chats: HashMap<Uuid, ChatState>,
+    dedupe: HashMap<DedupeKey, u64>,
+}
+
+/// What to do with a command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Append this event (the command with its seq assigned).
+    Append(Box<Envelope>),
+    /// Already sequenced: answer with the original seq, append nothing.
+    Duplicate { seq: u64 },
+    /// Refused; `code` is a stable error code (PROTOCOL.md).
+    Reject { code: &'static str, reason: String },
+}
+
+impl Decision {
+    pub fn outcome(&self) -> CommandOutcome {
+        match self {
+            Decision::Append(_) => CommandOutcome::Accepted,
+            Decision::Duplicate { .. } => CommandOutcome::Duplicate,
+            Decision::Reject { .. } => CommandOutcome::Rejected,
+        }
+    }
+}
+
+fn reject(code: &'static str, reason: impl Into<String>) -> Decision {
+    Decision::Reject {
+        code,
+        reason: reason.into(),
+    }
+}
+
+fn dedupe_key(e: &Envelope) -> Option<DedupeKey> {
+    Some((
+        e.chat_id?,
+        e.sender_user.clone(),
+        e.sender_device.clone(),
+        e.client_msg_id.clone()?,
+    ))
+}
+
+impl PartitionState {
+    pub fn chat(&self, chat: &Uuid) -> Option<&ChatState> {
+        self.chats.get(chat)
+    }
+
+    pub fn chats(&self) -> usize {
+        self.chats.len()
+    }
+
+    /// Folds one sequenced event into the state.
+    pub fn apply(&mut self, ev: &Envelope) {
+        let (Some(chat), Some(seq)) = (ev.chat_id, ev.seq) else {
+            return;
+        };
+        if let Some(key) = dedupe_key(ev) {
+            self.dedupe.insert(key, seq);
+        }
+        if let Body::ChatCreated(c) = &ev.body {
+            self.chats.entry(chat).or_insert_with(|| ChatState {
+                kind: c.kind,
+                members: c
+                    .members
+                    .iter()
+                    .map(|m| (m.user_id.clone(), m.role))
+                    .collect(),
+                last_seq: 0,
+                max_members: c.max_members,
+            });
+        }
+        let Some(state) = self.chats.get_mut(&chat) else {
+            return;
+        };
+        state.last_seq = state.last_seq.max(seq);
+        match &ev.body {
+            Body::MemberAdded(m) => {
+                state.members.insert(m.user_id.clone(), m.role);
+            }
+            Body::MemberRemoved(m) => {
+                state.members.remove(&m.user_id);
+            }
+            Body::MemberRoleChanged(m) => {
+                if let Some(r) = state.members.get_mut(&m.user_id) {
+                    *r = m.role;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Decides what to do with `cmd`; when it is appended, the state already
+    /// includes it on return.
+    pub fn sequence(&mut self, cmd: &Envelope, limits: &Limits, now_ms: i64) -> Decision {
+        let decision = self.decide(cmd, limits, now_ms);
+        if let Decision::Append(ev) = &decision {
+            self.apply(ev);
+        }
+        decision
+    }
+
+    /// Decides without changing the state.
+    pub fn decide(&self, cmd: &Envelope, limits: &Limits, now_ms: i64) -> Decision {
+        let Some(chat_id) = cmd.chat_id else {
+            return reject("invalid", "a command needs a chat id");
+        };
+        if let Some(seq) = dedupe_key(cmd).and_then(|k| self.dedupe.get(&k)) {
+            return Decision::Duplicate { seq: *seq };
+        }
+        let append = |body: Body, seq: u64| {
+            let mut ev = cmd.clone();
+            ev.body = body;
+            ev.seq = Some(seq);
+            ev.sequenced_ts = Some(now_ms);
+            Decision::Append(Box::new(ev))
+        };
+        if let Body::ChatCreated(c) = &cmd.body {
+            return match self.chats.get(&chat_id) {
+                Some(existing)
+                    if existing.kind == ChatKind::Direct
+                        && existing.members.contains_key(&cmd.sender_user) =>
+                {
+                    Decision::Duplicate { seq: 1 }
+                }
+                Some(_) => reject("chat_exists", "a chat with this id exists"),
+                None => match create(chat_id, &cmd.sender_user, c, limits) {
+                    Ok(body) => append(Body::ChatCreated(body), 1),
+                    Err(d) => d,
+                },
+            };
+        }
+        let Some(chat) = self.chats.get(&chat_id) else {
+            return reject("unknown_chat", "no such chat");
+        };
+        let sender_role = match chat.members.get(&cmd.sender_user) {
+            Some(r) => *r,
+            None => return reject("not_member", "you are not a member of this chat"),
+        };
+        let next = chat.last_seq + 1;
+        let is_admin = sender_role == Role::Admin;
+        let is_group = chat.kind == ChatKind::Group;
+        let target_ok = |t: u64| (1..=chat.last_seq).contains(&t);
+        match &cmd.body {
+            Body::MessageSent(m) => {
+                let text_len = m.text.as_deref().map_or(0, str::len);
+                if text_len > limits.max_text_bytes {
+                    return reject(
+                        "too_large",
+                        format!("text is over {} bytes", limits.max_text_bytes),
+                    );
+                }
+                if m.text.as_deref().is_none_or(str::is_empty) && m.media.is_none() {
+                    return reject("invalid", "a message needs text or media");
+                }
+                if m.reply_to_seq.is_some_and(|t| !target_ok(t)) {
+                    return reject("invalid", "reply_to_seq does not exist");
+                }
+            }
+            Body::MessageEdited(m) if !target_ok(m.target_seq) => {
+                return reject("invalid", "target_seq does not exist")
+            }
+            Body::MessageEdited(m) if m.text.len() > limits.max_text_bytes => {
+                return reject("too_large", "text too large")
+            }
+            Body::MessageDeleted(m) if !target_ok(m.target_seq) => {
+                return reject("invalid", "target_seq does not exist")
+            }
+            Body::ReactionChanged(r) if !target_ok(r.target_seq) => {
+                return reject("invalid", "target_seq does not exist")
+            }
+            Body::ReadReceipt(r) if !target_ok(r.up_to_seq) => {
+                return reject("invalid", "up_to_seq does not exist yet")
+            }
+            Body::DeliveryReceipt(r) if !target_ok(r.up_to_seq) => {
+                return reject("invalid", "up_to_seq does not exist yet")
+            }
+            Body::MessageEdited(_)
+            | Body::MessageDeleted(_)
+            | Body::ReactionChanged(_)
+            | Body::ReadReceipt(_)
+            | Body::DeliveryReceipt(_) => {}
+            Body::MemberAdded(m) => {
+                if !is_group || !is_admin {
+                    return reject("forbidden", "only a group's admins add members");
+                }
+                if chat.members.contains_key(&m.user_id) {
+                    return reject("invalid", "already a member");
+                }
+                if chat.members.len() as u32 >= chat.max_members {
+                    return reject(
+                        "group_full",
+                        format!("the group has its {} members", chat.max_members),
+                    );
+                }
+            }
+            Body::MemberRemoved(m) => {
+                if !chat.members.contains_key(&m.user_id) {
+                    return reject("invalid", "not a member");
+                }
+                let allowed = is_group
+                    && match m.reason {
+                        RemovalReason::Left => m.user_id == cmd.sender_user,
+                        RemovalReason::Removed => is_admin,
+                    };
+                if !allowed {
+                    return reject("forbidden", "you may not remove this member");
+                }
+            }
+            Body::MemberRoleChanged(m) => {
+                if !is_group || !is_admin {
+                    return reject("forbidden", "only a group's admins change roles");
+                }
+                if !chat.members.contains_key(&m.user_id) {
+                    return reject("invalid", "not a member");
+                }
+            }
+            other => {
+                return reject("invalid", format!("{} is not a chat command", other.kind()));
+            }
+        }
+        append(cmd.body.clone(), next)
+    }
+}
+
+/// Validates and normalises a create: the creator is a member (an admin of a
+/// group), members are unique, the limit is the sequencer's.
+fn create(
+    chat_id: Uuid,
+    sender: &str,
+    c: &ChatCreated,
+    limits: &Limits,
+) -> Result<ChatCreated, Decision> {
+    let mut users: Vec<String> = Vec::new();
+    for m in &c.members {
+        if !users.contains(&m.user_id) {
+            users.push(m.user_id.clone());
+        }
+    }
+    if !users.iter().any(|u| u == sender) {
+        users.insert(0, sender.to_string());
+    }
+    if users.iter().any(|u| u.is_empty()) {
+        return Err(reject("invalid", "empty user id"));
+    }
+    match c.kind {
+        ChatKind::Direct => {
+            if users.len() != 2 {
+                return Err(reject("invalid", "a direct chat has exactly two members"));
+            }
+            if direct_chat_id(&users[0], &users[1]) != chat_id {
+                return Err(reject(
+                    "invalid",
+                    "a direct chat's id is direct_chat_id(a, b)",
+                ));
+            }
+            Ok(ChatCreated {
+                kind: ChatKind::Direct,
+                title: None,
+                members: users
+                    .into_iter()
+                    .map(|user_id| ChatMember {
+                        user_id,
+                        role: Role::Member,
+                    })
+                    .collect(),
+                max_members: 2,
+            })
+        }
+        ChatKind::Group => {
+            let max = match c.max_members {
+                0 => limits.max_group_members,
+                n => n.min(limits.max_group_members),
+            };
+            if users.len() as u32 > max {
+                return Err(reject(
+                    "group_full",
+                    format!("a group has at most {max} members"),
+                ));
+            }
+            let members = users
+                .into_iter()
+                .map(|user_id| {
+                    let admin = user_id == sender
+                        || c.members
+                            .iter()
+                            .any(|m| m.user_id == user_id && m.role == Role::Admin);
+                    ChatMember {
+                        user_id,
+                        role: if admin { Role::Admin } else { Role::Member },
+                    }
+                })
+                .collect();
+            Ok(ChatCreated {
+                kind: ChatKind::Group,
+                title: c.title.clone(),
+                members,
+                max_members: max,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_schemas::{MemberAdded, MemberRemoved, MessageKind, MessageSent};
+
+    fn cmd(chat: Uuid, user: &str, msg_id: &str, body: Body) -> Envelope {
+        Envelope {
+            event_id: Uuid::new_v4(),
+            chat_id: Some(chat),
+            seq: None,
+            sender_user: user.into(),
+            sender_device: format!("{user}-d"),
+            client_msg_id: Some(msg_id.into()),
+            client_ts: None,
+            server_ts: 1,
+            sequenced_ts: None,
+            trace_id: "t".into(),
+            body,
+        }
+    }
+    fn text(t: &str) -> Body {
+        Body::MessageSent(MessageSent {
+            kind: MessageKind::Text,
+            text: Some(t.into()),
+            media: None,
+            reply_to_seq: None,
+        })
+    }
+    fn group(members: &[&str]) -> Body {
+        Body::ChatCreated(ChatCreated {
+            kind: ChatKind::Group,
+            title: Some("g".into()),
+            members: members
+                .iter()
+                .map(|u| ChatMember {
+                    user_id: (*u).into(),
+                    role: Role::Member,
+                })
+                .collect(),
+            max_members: 0,
+        })
+    }
+    fn seq_of(d: &Decision) -> u64 {
+        match d {
+            Decision::Append(e) => e.seq.unwrap(),
+            Decision::Duplicate { seq } => *seq,
+            Decision::Reject { code, .. } => panic!("rejected: {code}"),
+        }
+    }
+    fn code_of(d: &Decision) -> &'static str {
+        match d {
+            Decision::Reject { code, .. } => code,
+            other => panic!("not rejected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seqs_are_gap_free_per_chat_and_retries_get_the_original_seq() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(
+            seq_of(&s.sequence(&cmd(a, "u", "c0", group(&["v"])), &l, 1)),
+            1
+        );
+        assert_eq!(
+            seq_of(&s.sequence(&cmd(b, "u", "c0", group(&[])), &l, 1)),
+            1
+        );
+        for i in 1..=5 {
+            assert_eq!(
+                seq_of(&s.sequence(&cmd(a, "v", &format!("m{i}"), text("hi")), &l, 2)),
+                i + 1
+            );
+        }
+        let retry = s.sequence(&cmd(a, "v", "m3", text("hi")), &l, 3);
+        assert_eq!(retry, Decision::Duplicate { seq: 4 });
+        assert_eq!(seq_of(&s.sequence(&cmd(b, "u", "x", text("hi")), &l, 3)), 2);
+        assert_eq!(s.chat(&a).unwrap().last_seq, 6);
+    }
+
+    #[test]
+    fn the_same_client_id_from_another_device_is_a_new_message() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let a = Uuid::new_v4();
+        s.sequence(&cmd(a, "u", "c0", group(&[])), &l, 1);
+        let mut other = cmd(a, "u", "m1", text("x"));
+        assert_eq!(seq_of(&s.sequence(&other, &l, 1)), 2);
+        other.sender_device = "u-laptop".into();
+        assert_eq!(seq_of(&s.sequence(&other, &l, 1)), 3);
+    }
+
+    #[test]
+    fn non_members_and_unknown_chats_are_refused() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let a = Uuid::new_v4();
+        s.sequence(&cmd(a, "u", "c0", group(&["v"])), &l, 1);
+        assert_eq!(
+            code_of(&s.sequence(&cmd(a, "eve", "m", text("x")), &l, 1)),
+            "not_member"
+        );
+        assert_eq!(
+            code_of(&s.sequence(&cmd(Uuid::new_v4(), "u", "m", text("x")), &l, 1)),
+            "unknown_chat"
+        );
+    }
+
+    #[test]
+    fn only_admins_manage_members_and_removed_members_stop_sending() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let a = Uuid::new_v4();
+        s.sequence(&cmd(a, "admin", "c0", group(&["m"])), &l, 1);
+        let add = |by: &str, who: &str| {
+            cmd(
+                a,
+                by,
+                &format!("add-{who}-{by}"),
+                Body::MemberAdded(MemberAdded {
+                    user_id: who.into(),
+                    role: Role::Member,
+                }),
+            )
+        };
+        assert_eq!(code_of(&s.sequence(&add("m", "x"), &l, 1)), "forbidden");
+        assert_eq!(seq_of(&s.sequence(&add("admin", "x"), &l, 1)), 2);
+        let remove = cmd(
+            a,
+            "admin",
+            "rm",
+            Body::MemberRemoved(MemberRemoved {
+                user_id: "x".into(),
+                reason: RemovalReason::Removed,
+            }),
+        );
+        assert_eq!(seq_of(&s.sequence(&remove, &l, 1)), 3);
+        assert_eq!(
+            code_of(&s.sequence(&cmd(a, "x", "late", text("x")), &l, 1)),
+            "not_member"
+        );
+        let leave = cmd(
+            a,
+            "m",
+            "bye",
+            Body::MemberRemoved(MemberRemoved {
+                user_id: "admin".into(),
+                reason: RemovalReason::Left,
+            }),
+        );
+        assert_eq!(
+            code_of(&s.sequence(&leave, &l, 1)),
+            "forbidden",
+            "one leaves only oneself"
+        );
+    }
+
+    #[test]
+    fn groups_are_bounded() {
+        let mut s = PartitionState::default();
+        let l = Limits {
+            max_group_members: 3,
+            ..Limits::default()
+        };
+        let a = Uuid::new_v4();
+        assert_eq!(
+            code_of(&s.decide(&cmd(a, "u", "c", group(&["a", "b", "c"])), &l, 1)),
+            "group_full"
+        );
+        s.sequence(&cmd(a, "u", "c", group(&["a", "b"])), &l, 1);
+        let add = cmd(
+            a,
+            "u",
+            "add",
+            Body::MemberAdded(MemberAdded {
+                user_id: "d".into(),
+                role: Role::Member,
+            }),
+        );
+        assert_eq!(code_of(&s.sequence(&add, &l, 1)), "group_full");
+    }
+
+    #[test]
+    fn a_direct_chat_is_unique_per_pair() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let id = direct_chat_id("ann", "bob");
+        // The creator is added by the sequencer; the body names the other user.
+        let with = |other: &str| {
+            Body::ChatCreated(ChatCreated {
+                kind: ChatKind::Direct,
+                title: None,
+                members: vec![ChatMember {
+                    user_id: other.into(),
+                    role: Role::Member,
+                }],
+                max_members: 0,
+            })
+        };
+        assert_eq!(
+            seq_of(&s.sequence(&cmd(id, "ann", "c1", with("bob")), &l, 1)),
+            1
+        );
+        assert_eq!(
+            s.sequence(&cmd(id, "bob", "c2", with("ann")), &l, 1),
+            Decision::Duplicate { seq: 1 }
+        );
+        let wrong = cmd(Uuid::new_v4(), "ann", "c3", with("bob"));
+        assert_eq!(code_of(&s.sequence(&wrong, &l, 1)), "invalid");
+    }
+
+    #[test]
+    fn rebuilding_from_the_appended_events_gives_the_same_decisions() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let a = Uuid::new_v4();
+        let mut log = Vec::new();
+        for c in [
+            cmd(a, "u", "c0", group(&["v"])),
+            cmd(a, "v", "m1", text("x")),
+            cmd(a, "u", "m2", text("y")),
+        ] {
+            if let Decision::Append(ev) = s.sequence(&c, &l, 1) {
+                log.push(ev);
+            }
+        }
+        let mut rebuilt = PartitionState::default();
+        log.iter().for_each(|e| rebuilt.apply(e));
+        let next = cmd(a, "v", "m3", text("z"));
+        assert_eq!(
+            seq_of(&rebuilt.decide(&next, &l, 1)),
+            seq_of(&s.decide(&next, &l, 1))
+        );
+        assert_eq!(
+            rebuilt.decide(&cmd(a, "v", "m1", text("x")), &l, 1),
+            Decision::Duplicate { seq: 2 }
+        );
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of sends and retries over a few chats: per chat the
+        /// appended seqs are exactly 1..=n, and a retry never appends.
+        #[test]
+        fn appended_seqs_are_gap_free(ops in proptest::collection::vec((0usize..3, 0usize..4, 0u8..20), 1..200)) {
+            let (mut s, l) = (PartitionState::default(), Limits::default());
+            let chats: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+            let users = ["a", "b", "c", "d"];
+            let mut appended: HashMap<Uuid, Vec<u64>> = HashMap::new();
+            for c in &chats {
+                if let Decision::Append(e) = s.sequence(&cmd(*c, "a", "create", group(&["b", "c"])), &l, 1) {
+                    appended.entry(*c).or_default().push(e.seq.unwrap());
+                }
+            }
+            let mut seen: HashMap<(Uuid, usize, u8), u64> = HashMap::new();
+            for (ci, ui, mid) in ops {
+                let c = chats[ci];
+                let d = s.sequence(&cmd(c, users[ui], &format!("m{mid}"), text("x")), &l, 1);
+                match d {
+                    Decision::Append(e) => {
+                        proptest::prop_assert!(seen.insert((c, ui, mid), e.seq.unwrap()).is_none());
+                        appended.entry(c).or_default().push(e.seq.unwrap());
+                    }
+                    Decision::Duplicate { seq } => proptest::prop_assert_eq!(seen.get(&(c, ui, mid)), Some(&seq)),
+                    Decision::Reject { code, .. } => proptest::prop_assert_eq!((code, ui), ("not_member", 3)),
+                }
+            }
+            for seqs in appended.values() {
+                let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+                proptest::prop_assert_eq!(seqs, &expected);
+            }
+        }
+    }
+}

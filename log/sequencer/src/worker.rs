@@ -1,0 +1,301 @@
+//! The sequencer's consume-sequence-produce loop over Kafka transactions.
+
+use chat_log::{
+    deliveries_partition, BatchRecord, LogConfig, OutRecord, Outgoing, PartitionedConsumer,
+    SchemaRegistry, TailItem, TailStart, TopicTail, Topics, TxnProducer, HEADER_GATEWAY_ID,
+    HEADER_RECIPIENTS,
+};
+use chat_runtime::telemetry::LogFormat;
+use chat_runtime::{Health, Shutdown};
+use chat_schemas::{Body, CommandResult, Envelope};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+use crate::state::{Decision, Limits, PartitionState};
+
+/// The sequencer's config (`chat-sequencer --help` lists every key).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SequencerConfig {
+    /// Admin endpoint (`/health`, `/metrics`).
+    pub listen: SocketAddr,
+    /// Consumer group of all sequencer instances.
+    pub group_id: String,
+    /// Prefix of the per-partition transactional ids; the same for every instance.
+    pub transactional_prefix: String,
+    /// Most commands in one transaction.
+    pub batch_max: usize,
+    /// How long a batch waits for more commands after the first, in microseconds.
+    pub batch_linger_us: u64,
+    /// Group size and text limits.
+    pub limits: Limits,
+    /// Log line format: `pretty` or `json`.
+    pub log_format: LogFormat,
+    /// Kafka and the registry.
+    pub log: LogConfig,
+}
+
+impl Default for SequencerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9102)),
+            group_id: "sequencer".into(),
+            transactional_prefix: "chat-sequencer".into(),
+            batch_max: 500,
+            batch_linger_us: 500,
+            limits: Limits::default(),
+            log_format: LogFormat::Pretty,
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Counters of the sequencer, by outcome and code.
+#[derive(Clone, Default)]
+struct Metrics {
+    commands: Family<Vec<(String, String)>, Counter>,
+    rebuilds: Counter,
+    aborted: Counter,
+}
+
+impl Metrics {
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "commands",
+            "Commands handled, by outcome and error code",
+            self.commands.clone(),
+        );
+        r.register(
+            "rebuilds",
+            "Partition states rebuilt from chat.events",
+            self.rebuilds.clone(),
+        );
+        r.register(
+            "aborted_transactions",
+            "Batches whose transaction aborted (retried)",
+            self.aborted.clone(),
+        );
+    }
+}
+
+/// Runs one sequencer instance until `shutdown`.
+pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let health = Health::new();
+    health.not_ready("kafka", "starting");
+    let registry = Arc::new(SchemaRegistry::new(&config.log)?);
+    registry.check_reachable().await?;
+    let topics = Topics::new(&config.log);
+    let mut consumer = PartitionedConsumer::connect(
+        &config.log,
+        registry.clone(),
+        &config.group_id,
+        &topics.commands,
+    )
+    .await?;
+    health.ready("kafka");
+    let metrics = Metrics::default();
+    let mut reg = Registry::with_prefix("chat_sequencer");
+    metrics.register(&mut reg);
+    let (_, admin) =
+        chat_runtime::serve_admin(config.listen, health, Arc::new(reg), shutdown.clone()).await?;
+
+    let mut owned: HashMap<i32, (TxnProducer, PartitionState)> = HashMap::new();
+    let token = shutdown.token();
+    let linger = Duration::from_micros(config.batch_linger_us);
+    while let Some(batch) = consumer
+        .next_batch(config.batch_max, linger, &token)
+        .await?
+    {
+        let p = batch.partition;
+        if batch.fresh || !owned.contains_key(&p) {
+            owned.remove(&p);
+            // Fence the previous owner first, then read what it committed.
+            let producer = TxnProducer::init(
+                &config.log,
+                registry.clone(),
+                &config.transactional_prefix,
+                &topics.commands,
+                p,
+            )
+            .await?;
+            let state = rebuild(&config.log, registry.clone(), &topics.events, p).await?;
+            metrics.rebuilds.inc();
+            tracing::info!(
+                partition = p,
+                chats = state.chats(),
+                "partition state rebuilt"
+            );
+            owned.insert(p, (producer, state));
+        }
+        let Some((producer, state)) = owned.get_mut(&p) else {
+            continue;
+        };
+        let snapshot = state.clone();
+        let outputs = sequence_batch(&batch.records, state, &config, &topics, p, &metrics);
+        let Some(group) = consumer.group_metadata() else {
+            continue;
+        };
+        if let Err(e) = producer
+            .commit_batch(outputs, batch.next_offset(), group)
+            .await
+        {
+            tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
+            metrics.aborted.inc();
+            *state = snapshot;
+            owned.remove(&p);
+            consumer.rewind(p, batch.first_offset()).await?;
+        }
+    }
+    tracing::info!("sequencer stopping");
+    drop(owned);
+    admin.await.ok();
+    Ok(())
+}
+
+/// The fold of partition `p` of `chat.events` as committed now.
+async fn rebuild(
+    config: &LogConfig,
+    registry: Arc<SchemaRegistry>,
+    events_topic: &str,
+    p: i32,
+) -> anyhow::Result<PartitionState> {
+    let tail = TopicTail::open(
+        config,
+        registry,
+        events_topic,
+        Some(vec![p]),
+        TailStart::Beginning,
+    )
+    .await?;
+    let mut state = PartitionState::default();
+    tail.read_to_end(|item| {
+        if let TailItem::Event(ev) = item {
+            state.apply(&ev.envelope);
+        }
+    })
+    .await?;
+    Ok(state)
+}
+
+fn sequence_batch(
+    records: &[BatchRecord],
+    state: &mut PartitionState,
+    config: &SequencerConfig,
+    topics: &Topics,
+    p: i32,
+    metrics: &Metrics,
+) -> Vec<OutRecord> {
+    let now = now_ms();
+    let mut out = Vec::with_capacity(records.len() * 2);
+    for rec in records {
+        let ev = match rec {
+            BatchRecord::Event(ev) => ev,
+            BatchRecord::Undecodable {
+                offset,
+                key,
+                payload,
+                error,
+            } => {
+                tracing::warn!(partition = p, offset, %error, "undecodable command dead-lettered");
+                out.push(OutRecord::Raw {
+                    topic: topics.dlq.clone(),
+                    key: key.clone(),
+                    payload: payload.clone(),
+                    headers: vec![
+                        ("dlq.topic".into(), topics.commands.clone().into_bytes()),
+                        ("dlq.partition".into(), p.to_string().into_bytes()),
+                        ("dlq.offset".into(), offset.to_string().into_bytes()),
+                        ("dlq.error".into(), error.clone().into_bytes()),
+                    ],
+                });
+                continue;
+            }
+        };
+        let cmd = &ev.envelope;
+        let span = tracing::info_span!("sequence", chat = ?cmd.chat_id, trace_id = %cmd.trace_id, kind = cmd.body.kind());
+        let _g = span.enter();
+        let decision = state.sequence(cmd, &config.limits, now);
+        let (seq, code, reason) = match &decision {
+            Decision::Append(event) => {
+                tracing::debug!(seq = ?event.seq, "appended");
+                out.push(OutRecord::Envelope(Box::new(Outgoing {
+                    topic: topics.events.clone(),
+                    partition: Some(p),
+                    key: cmd.chat_id.map(|c| c.to_string()).unwrap_or_default(),
+                    envelope: (**event).clone(),
+                    headers: Vec::new(),
+                })));
+                (event.seq, None, None)
+            }
+            Decision::Duplicate { seq } => (Some(*seq), None, None),
+            Decision::Reject { code, reason } => {
+                tracing::debug!(code, %reason, "rejected");
+                (None, Some(code.to_string()), Some(reason.clone()))
+            }
+        };
+        let code_label = code.clone().unwrap_or_default();
+        metrics
+            .commands
+            .get_or_create(&vec![
+                ("outcome".into(), decision.outcome().symbol().into()),
+                ("code".into(), code_label),
+            ])
+            .inc();
+        if let Some(gateway) = ev.header(HEADER_GATEWAY_ID) {
+            out.push(OutRecord::Envelope(Box::new(Outgoing {
+                topic: topics.deliveries.clone(),
+                partition: Some(deliveries_partition(&gateway, config.log.chat_partitions)),
+                key: gateway,
+                envelope: result_envelope(cmd, decision.outcome(), seq, code, reason, now),
+                headers: vec![(
+                    HEADER_RECIPIENTS.into(),
+                    cmd.sender_user.clone().into_bytes(),
+                )],
+            })));
+        }
+    }
+    out
+}
+
+fn result_envelope(
+    cmd: &Envelope,
+    outcome: chat_schemas::CommandOutcome,
+    seq: Option<u64>,
+    code: Option<String>,
+    reason: Option<String>,
+    now: i64,
+) -> Envelope {
+    Envelope {
+        event_id: Uuid::new_v4(),
+        chat_id: cmd.chat_id,
+        seq: None,
+        sender_user: cmd.sender_user.clone(),
+        sender_device: cmd.sender_device.clone(),
+        client_msg_id: cmd.client_msg_id.clone(),
+        client_ts: cmd.client_ts,
+        server_ts: cmd.server_ts,
+        sequenced_ts: Some(now),
+        trace_id: cmd.trace_id.clone(),
+        body: Body::CommandResult(CommandResult {
+            command_event_id: cmd.event_id,
+            outcome,
+            seq,
+            code,
+            reason,
+        }),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
