@@ -12,7 +12,11 @@
 //! - consumer offsets are stored only after the write succeeded, so a record
 //!   is never skipped, at worst projected twice.
 //!
+//! Workers: [`history`] (`chat-history`): `chat.events` -> the history
+//! tables, the reconnect-sync markers and its progress.
+//!
 //! [`store`] is the one boundary to Cassandra: no other module uses the driver.
 #![forbid(unsafe_code)]
 
+pub mod history;
 pub mod store;

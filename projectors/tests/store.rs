@@ -62,14 +62,17 @@ async fn migrate_twice_applies_nothing_the_second_time() {
     with_store(|store| async move {
         let again = store.migrate(&Default::default()).await.unwrap();
         assert!(again.applied.is_empty());
-        assert_eq!(again.already, [1]);
+        assert_eq!(again.already, [1, 2]);
+        store.require_migrated().await.unwrap();
         let tables = store.tables().await.unwrap();
         let expected = [
             "chat_members",
             "chats",
             "direct_chats",
             "messages",
+            "projector_progress",
             "schema_migrations",
+            "user_changes",
             "user_chats",
         ];
         assert_eq!(tables, expected);
@@ -156,4 +159,58 @@ async fn unreachable_cluster_fails_fast_with_a_hint() {
     assert!(matches!(err, StoreError::Unreachable { .. }), "{err:?}");
     assert!(err.retryable());
     assert!(err.to_string().contains("make infra-up"), "{err}");
+}
+
+#[tokio::test]
+async fn state_writes_never_move_back_under_replay() {
+    with_store(|store| async move {
+        let chat = Uuid::new_v4();
+        store
+            .put_member(chat, "carol", "member", 3, true)
+            .await
+            .unwrap();
+        store.remove_member(chat, "carol", 6).await.unwrap();
+        // A replay of the join (older seq) loses to the removal.
+        store
+            .put_member(chat, "carol", "member", 3, true)
+            .await
+            .unwrap();
+        assert!(store.members(chat).await.unwrap().is_empty());
+        let mine = store.user_chats("carol").await.unwrap();
+        assert_eq!((mine[0].joined_seq, mine[0].left_seq), (3, Some(6)));
+        // A rejoin clears left_seq.
+        store
+            .put_member(chat, "carol", "admin", 9, true)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.members(chat).await.unwrap(),
+            [("carol".to_string(), "admin".to_string(), 9)]
+        );
+        let mine = store.user_chats("carol").await.unwrap();
+        assert_eq!((mine[0].joined_seq, mine[0].left_seq), (9, None));
+        store.mark_read("carol", chat, 7).await.unwrap();
+        store.mark_read("carol", chat, 5).await.unwrap();
+        assert_eq!(store.user_chats("carol").await.unwrap()[0].last_read_seq, 7);
+        store.put_progress("p", 2, 10).await.unwrap();
+        store.put_progress("p", 2, 5).await.unwrap();
+        assert_eq!(store.progress("p").await.unwrap(), [(2, 10)].into());
+        store
+            .mark_changed("carol", chat, 1_700_000_000_900)
+            .await
+            .unwrap();
+        let since = |ms| store.changed_chats_since("carol", ms);
+        assert_eq!(since(1_700_000_000_500).await.unwrap(), [chat]);
+        assert!(since(1_700_000_001_000).await.unwrap().is_empty());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unmigrated_keyspace_is_refused_with_a_hint() {
+    let store = store::connect(&config(&format!("t_{}", Uuid::new_v4().simple())))
+        .await
+        .unwrap();
+    let err = store.require_migrated().await.unwrap_err();
+    assert!(err.to_string().contains("chat-admin migrate"), "{err}");
 }

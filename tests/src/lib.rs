@@ -6,6 +6,9 @@
 //! Addresses come from the same `CHAT_LOG__*` / `CHAT_STORE__*` environment
 //! overrides the services read, with the `make infra-up` defaults.
 
+pub mod platform;
+pub mod ws;
+
 use chat_log::{EventProducer, LogConfig, SchemaRegistry, Topics};
 use chat_schemas::*;
 use std::path::PathBuf;

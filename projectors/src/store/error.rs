@@ -1,8 +1,9 @@
 //! Typed errors of the Cassandra boundary. Each says whether retrying can help.
 
 use scylla::errors::{
-    DbError, DeserializationError, ExecutionError, IntoRowsResultError, PrepareError,
-    RequestAttemptError, RowsError, SchemaAgreementError,
+    DbError, DeserializationError, ExecutionError, IntoRowsResultError, NextPageError,
+    NextRowError, PagerExecutionError, PrepareError, RequestAttemptError, RequestError, RowsError,
+    SchemaAgreementError, TypeCheckError,
 };
 use std::fmt::Display;
 
@@ -101,6 +102,45 @@ impl Transient for ExecutionError {
     }
 }
 
+impl Transient for RequestError {
+    fn transient(&self) -> bool {
+        match self {
+            RequestError::LastAttemptError(e) => e.transient(),
+            _ => true,
+        }
+    }
+}
+
+impl Transient for NextPageError {
+    fn transient(&self) -> bool {
+        match self {
+            NextPageError::RequestFailure(e) => e.transient(),
+            NextPageError::PartitionKeyError(_) | NextPageError::TypeCheckError(_) => false,
+            _ => true,
+        }
+    }
+}
+
+impl Transient for PagerExecutionError {
+    fn transient(&self) -> bool {
+        match self {
+            PagerExecutionError::PrepareError(e) => e.transient(),
+            PagerExecutionError::NextPageError(e) => e.transient(),
+            PagerExecutionError::SerializationError(_) => false,
+            _ => true,
+        }
+    }
+}
+
+impl Transient for NextRowError {
+    fn transient(&self) -> bool {
+        match self {
+            NextRowError::NextPageError(e) => e.transient(),
+            _ => false,
+        }
+    }
+}
+
 impl Transient for SchemaAgreementError {
     fn transient(&self) -> bool {
         true
@@ -117,4 +157,9 @@ macro_rules! permanent {
         }
     )*};
 }
-permanent!(IntoRowsResultError, RowsError, DeserializationError);
+permanent!(
+    IntoRowsResultError,
+    RowsError,
+    DeserializationError,
+    TypeCheckError
+);

@@ -5,7 +5,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, MaybeUnset};
 use uuid::Uuid;
 
-use super::{rows, Store, StoreError};
+use super::{cql_seq, rows, Store, StoreError};
 
 /// Seqs per `messages` partition: a partition never grows past this many rows.
 pub const MESSAGES_PER_BUCKET: u64 = 1024;
@@ -92,26 +92,16 @@ pub(super) struct Prepared {
     count: PreparedStatement,
 }
 
-fn cql_seq(seq: u64) -> Result<i64, StoreError> {
-    i64::try_from(seq).map_err(|_| StoreError::Query {
-        what: "encode seq".into(),
-        detail: format!("{seq} exceeds the CQL bigint range"),
-        retryable: false,
-    })
-}
-
 impl Store {
     async fn prepared(&self) -> Result<&Prepared, StoreError> {
-        self.prepared.get_or_try_init(|| self.prepare()).await
+        self.prepared
+            .get_or_try_init(|| self.prepare_messages())
+            .await
     }
 
-    async fn prepare(&self) -> Result<Prepared, StoreError> {
+    async fn prepare_messages(&self) -> Result<Prepared, StoreError> {
         let ks = &self.keyspace;
-        let prepare = |cql: String| async move {
-            let prepared = self.session.prepare(cql).await;
-            prepared
-                .map_err(|e| StoreError::query("prepare statement (was the schema migrated?)", e))
-        };
+        let prepare = |cql: String| self.prepare(cql);
         let range = format!(
             "SELECT {COLUMNS} FROM {ks}.messages \
              WHERE chat_id = ? AND bucket = ? AND seq >= ? AND seq <= ?"

@@ -4,16 +4,20 @@
 //! Statements name tables fully (`keyspace.table`), so one session could serve
 //! several keyspaces and nothing depends on `USE`.
 
+mod chats;
 mod config;
 mod error;
 mod messages;
+mod progress;
 mod schema;
 
+pub use chats::{floor_to_second, ChatRow, UserChatRow};
 pub use config::{Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
 
+use futures::TryStreamExt;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
@@ -33,6 +37,8 @@ pub struct Store {
     session: Arc<Session>,
     keyspace: String,
     prepared: Arc<OnceCell<messages::Prepared>>,
+    chats: Arc<OnceCell<chats::Prepared>>,
+    progress: Arc<OnceCell<progress::Prepared>>,
 }
 
 /// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
@@ -61,6 +67,8 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         session: Arc::new(session),
         keyspace: cfg.keyspace.clone(),
         prepared: Arc::default(),
+        chats: Arc::default(),
+        progress: Arc::default(),
     })
 }
 
@@ -88,6 +96,54 @@ impl Store {
         let cql = format!("DROP KEYSPACE IF EXISTS {}", self.keyspace);
         self.query("drop keyspace", cql, ()).await?;
         self.agree().await
+    }
+
+    /// Every row of `table` as a JSON object (`SELECT JSON *`), sorted: a
+    /// full scan, for tests and tooling comparing projections, never for
+    /// request paths.
+    pub async fn dump_table(&self, table: &str) -> Result<Vec<String>, StoreError> {
+        if !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || table.is_empty() {
+            return Err(StoreError::Config(format!("not a table name: {table:?}")));
+        }
+        let what = format!("dump {table}");
+        let cql = format!("SELECT JSON * FROM {}.{table}", self.keyspace);
+        let pager = self.session.query_iter(cql, ()).await;
+        let pager = pager.map_err(|e| StoreError::query(&what, e))?;
+        let stream = pager.rows_stream::<(String,)>();
+        let stream = stream.map_err(|e| StoreError::query(&what, e))?;
+        let mut rows: Vec<String> = stream
+            .map_ok(|(json,)| json)
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::query(&what, e))?;
+        rows.sort();
+        Ok(rows)
+    }
+
+    /// Prepares a statement; a failure usually means the schema is not migrated.
+    async fn prepare(&self, cql: String) -> Result<PreparedStatement, StoreError> {
+        let prepared = self.session.prepare(cql).await;
+        prepared.map_err(|e| StoreError::query("prepare statement (was the schema migrated?)", e))
+    }
+
+    /// Runs a prepared read and collects every row, page by page.
+    async fn execute_all<R>(
+        &self,
+        what: &str,
+        statement: &PreparedStatement,
+        values: impl SerializeRow,
+    ) -> Result<Vec<R>, StoreError>
+    where
+        R: for<'f, 'm> DeserializeRow<'f, 'm>,
+    {
+        let pager = self.session.execute_iter(statement.clone(), values).await;
+        let pager = pager.map_err(|e| StoreError::query(what, e))?;
+        let stream = pager.rows_stream::<R>();
+        let stream = stream.map_err(|e| StoreError::query(what, e))?;
+        stream
+            .try_collect()
+            .await
+            .map_err(|e| StoreError::query(what, e))
     }
 
     /// Runs an unprepared statement (DDL, rare reads).
@@ -132,4 +188,13 @@ fn rows<R: for<'f> DeserializeRow<'f, 'f>>(
     let iter = result.rows::<R>().map_err(|e| StoreError::query(what, e))?;
     iter.collect::<Result<_, _>>()
         .map_err(|e| StoreError::query(what, e))
+}
+
+/// A seq as CQL `bigint` (also used as a write timestamp).
+fn cql_seq(seq: u64) -> Result<i64, StoreError> {
+    i64::try_from(seq).map_err(|_| StoreError::Query {
+        what: "encode seq".into(),
+        detail: format!("{seq} exceeds the CQL bigint range"),
+        retryable: false,
+    })
 }

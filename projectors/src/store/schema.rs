@@ -62,6 +62,25 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY ((user_low, user_high))
         ) WITH comment = 'the one 1:1 chat of a user pair (user_low < user_high)'",
     ],
+}, Migration {
+    version: 2,
+    description: "reconnect sync markers and projector progress",
+    statements: &[
+        // One row per (user, second, chat) in which the chat changed while the user
+        // was a member: `changed_at >= floor(T)` finds every chat changed since T
+        // without reading every chat of the user. Rows expire after 30 days.
+        "CREATE TABLE IF NOT EXISTS {ks}.user_changes (
+            user_id text, changed_at timestamp, chat_id uuid,
+            PRIMARY KEY ((user_id), changed_at, chat_id)
+        ) WITH CLUSTERING ORDER BY (changed_at DESC, chat_id ASC)
+          AND default_time_to_live = 2592000
+          AND comment = 'chats changed per user, changed_at floored to the second; 30-day TTL'",
+        // next_offset is written only with USING TIMESTAMP <next_offset>: it never moves back.
+        "CREATE TABLE IF NOT EXISTS {ks}.projector_progress (
+            projector text, partition int, next_offset bigint,
+            PRIMARY KEY ((projector), partition)
+        ) WITH comment = 'per projector and chat.events partition: every event before next_offset is written'",
+    ],
 }];
 
 /// What [`Store::migrate`] did.
@@ -74,6 +93,47 @@ pub struct MigrationReport {
 }
 
 impl Store {
+    /// Fails with [`StoreError::Config`] naming the missing migrations unless
+    /// every migration of this build is applied. Services call it at start:
+    /// they never migrate themselves (`chat-admin migrate` does).
+    pub async fn require_migrated(&self) -> Result<(), StoreError> {
+        let ks = &self.keyspace;
+        let hint = "run `chat-admin migrate` with the same store settings";
+        if !self
+            .tables()
+            .await?
+            .iter()
+            .any(|t| t == "schema_migrations")
+        {
+            return Err(StoreError::Config(format!(
+                "keyspace {ks} does not exist or has no tables: {hint}"
+            )));
+        }
+        let recorded = self.recorded_migrations().await?;
+        let missing: Vec<i32> = MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !recorded.contains(v))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Config(format!(
+                "keyspace {ks} lacks migrations {missing:?}: {hint}"
+            )))
+        }
+    }
+
+    async fn recorded_migrations(&self) -> Result<BTreeSet<i32>, StoreError> {
+        let what = "read schema_migrations";
+        let cql = format!("SELECT version FROM {}.schema_migrations", self.keyspace);
+        let result = self.query(what, cql, ()).await?;
+        Ok(rows::<(i32,)>(what, result)?
+            .into_iter()
+            .map(|(v,)| v)
+            .collect())
+    }
+
     /// Creates the keyspace (with `replication`, if it does not exist yet) and
     /// applies every migration not recorded in `schema_migrations`. Safe to run
     /// again at any time: a second run applies nothing. Run it from one process
@@ -93,18 +153,7 @@ impl Store {
         self.query("create schema_migrations", ledger, ()).await?;
         self.agree().await?;
 
-        let what = "read schema_migrations";
-        let result = self
-            .query(
-                what,
-                format!("SELECT version FROM {ks}.schema_migrations"),
-                (),
-            )
-            .await?;
-        let recorded: BTreeSet<i32> = rows::<(i32,)>(what, result)?
-            .into_iter()
-            .map(|(v,)| v)
-            .collect();
+        let recorded = self.recorded_migrations().await?;
 
         let mut report = MigrationReport::default();
         for m in MIGRATIONS {

@@ -1,0 +1,331 @@
+//! The whole platform as real processes, for end-to-end tests: sequencers,
+//! routers, history projectors and gateways started from the workspace's
+//! binaries against the real stack, with a unique topic prefix, consumer
+//! groups and keyspace per test. Processes can be killed with SIGKILL and
+//! restarted. Each process's output goes to `target/e2e-logs/<prefix>/`.
+
+use anyhow::Context;
+use chat_projectors::store::{self, StoreConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::ws::{self, Incoming, WsReader, WsWriter};
+use crate::{repo_root, TestLog};
+
+/// Secret of the test gateways' HS256 tokens.
+pub const TEST_SECRET: &str = "e2e-test-secret-not-for-production";
+
+/// A role of the platform and its binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Sequencer,
+    Router,
+    History,
+    Gateway,
+}
+
+impl Role {
+    fn bin(self) -> &'static str {
+        match self {
+            Role::Sequencer => "chat-sequencer",
+            Role::Router => "chat-router",
+            Role::History => "chat-history",
+            Role::Gateway => "chat-gateway",
+        }
+    }
+}
+
+struct Proc {
+    name: String,
+    role: Role,
+    admin: SocketAddr,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+/// The running platform of one test.
+pub struct Platform {
+    pub log: TestLog,
+    pub store: StoreConfig,
+    procs: Vec<Proc>,
+    logs: PathBuf,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+/// The workspace's target dir.
+fn target_dir() -> PathBuf {
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"))
+}
+
+/// Path of a workspace binary, built (debug) if it is missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = target_dir().join("debug").join(name);
+    if !path.exists() {
+        let status = Command::new(env!("CARGO"))
+            .current_dir(repo_root())
+            .args(["build", "--bins", "--workspace"])
+            .status()?;
+        anyhow::ensure!(status.success(), "cargo build --bins failed");
+    }
+    anyhow::ensure!(path.exists(), "{} not built", path.display());
+    Ok(path)
+}
+
+impl Platform {
+    /// Starts `gateways` gateways and `workers` instances of every worker.
+    pub async fn start(test: &str, gateways: usize, workers: usize) -> anyhow::Result<Self> {
+        let log = TestLog::start(test).await?;
+        let mut store = StoreConfig::default();
+        if let Ok(n) = std::env::var("CHAT_STORE__NODES") {
+            store.nodes = n.split(',').map(str::to_string).collect();
+        }
+        store.keyspace = format!("t_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let s = store::connect(&store).await?;
+        s.migrate(&store.replication).await?;
+        let logs = target_dir()
+            .join("e2e-logs")
+            .join(log.config.topic_prefix.trim_end_matches('.'));
+        std::fs::create_dir_all(&logs)?;
+        let mut me = Self {
+            log,
+            store,
+            procs: Vec::new(),
+            logs,
+        };
+        for i in 0..workers {
+            for role in [Role::Sequencer, Role::Router, Role::History] {
+                me.add(role, i)?;
+            }
+        }
+        for i in 0..gateways {
+            me.add(Role::Gateway, i)?;
+        }
+        for i in 0..me.procs.len() {
+            me.spawn(i)?;
+        }
+        for i in 0..me.procs.len() {
+            me.wait_healthy(i).await?;
+        }
+        Ok(me)
+    }
+
+    fn add(&mut self, role: Role, i: usize) -> anyhow::Result<()> {
+        let prefix = self.log.config.topic_prefix.clone();
+        let name = format!("{}-{i}", role.bin());
+        let admin = free_port()?;
+        let mut env = vec![
+            ("CHAT_LISTEN".to_string(), admin.to_string()),
+            ("CHAT_LOG__TOPIC_PREFIX".into(), prefix.clone()),
+            (
+                "CHAT_LOG__CHAT_PARTITIONS".into(),
+                self.log.config.chat_partitions.to_string(),
+            ),
+            ("CHAT_LOG__BROKERS".into(), self.log.config.brokers.clone()),
+            (
+                "CHAT_LOG__REGISTRY_URL".into(),
+                self.log.config.registry_url.clone(),
+            ),
+        ];
+        match role {
+            Role::Sequencer => {
+                env.push(("CHAT_GROUP_ID".into(), format!("{prefix}sequencer")));
+                env.push(("CHAT_TRANSACTIONAL_PREFIX".into(), format!("{prefix}seq")));
+            }
+            Role::Router => env.push(("CHAT_GROUP_ID".into(), format!("{prefix}router"))),
+            Role::History => {
+                env.push(("CHAT_GROUP_ID".into(), format!("{prefix}history")));
+                env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
+                env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+            }
+            Role::Gateway => {
+                env.push(("CHAT_GATEWAY_ID".into(), format!("{prefix}gw{i}")));
+                env.push(("CHAT_DEV_LOGIN".into(), "true".into()));
+                env.push(("CHAT_AUTH__HS256_SECRET".into(), TEST_SECRET.into()));
+                env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
+                env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+            }
+        }
+        self.procs.push(Proc {
+            name,
+            role,
+            admin,
+            env,
+            child: None,
+        });
+        Ok(())
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let p = &mut self.procs[i];
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.logs.join(format!("{}.log", p.name)))?;
+        let mut cmd = Command::new(binary(p.role.bin())?);
+        cmd.envs(p.env.iter().cloned())
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        p.child = Some(cmd.spawn().with_context(|| format!("spawn {}", p.name))?);
+        Ok(())
+    }
+
+    async fn wait_healthy(&mut self, i: usize) -> anyhow::Result<()> {
+        let url = format!("http://{}/health", self.procs[i].admin);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if let Some(c) = self.procs[i].child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    anyhow::bail!(
+                        "{} exited with {status}: see {}",
+                        self.procs[i].name,
+                        self.logs.display()
+                    );
+                }
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} not healthy within 60 s: see {}",
+                self.procs[i].name,
+                self.logs.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn index(&self, role: Role, i: usize) -> usize {
+        self.procs
+            .iter()
+            .position(|p| p.role == role && p.name.ends_with(&format!("-{i}")))
+            .expect("no such process")
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self, role: Role, i: usize) {
+        let idx = self.index(role, i);
+        if let Some(mut c) = self.procs[idx].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit (graceful drain).
+    pub fn terminate(&mut self, role: Role, i: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let idx = self.index(role, i);
+        let mut c = self.procs[idx].child.take().context("not running")?;
+        Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()?;
+        Ok(c.wait()?)
+    }
+
+    /// Starts a killed process again with the same settings.
+    pub async fn restart(&mut self, role: Role, i: usize) -> anyhow::Result<()> {
+        let idx = self.index(role, i);
+        self.spawn(idx)?;
+        self.wait_healthy(idx).await
+    }
+
+    /// The address clients connect to on gateway `i`.
+    pub fn gateway(&self, i: usize) -> SocketAddr {
+        self.procs[self.index(Role::Gateway, i)].admin
+    }
+
+    /// A token from gateway 0's development login.
+    pub async fn token(&self, user: &str, device: &str) -> anyhow::Result<String> {
+        let resp: serde_json::Value = reqwest::Client::new()
+            .post(format!("http://{}/dev/login", self.gateway(0)))
+            .json(&serde_json::json!({ "user": user, "device": device }))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        resp["token"]
+            .as_str()
+            .map(str::to_string)
+            .context("no token in dev login answer")
+    }
+
+    /// Connects `user`'s `device` to gateway `gw` and reads its `hello`.
+    pub async fn connect(&self, gw: usize, user: &str, device: &str) -> anyhow::Result<Client> {
+        let token = self.token(user, device).await?;
+        let (mut rx, tx) = ws::connect(
+            self.gateway(gw),
+            &format!("/ws?token={token}&device={device}"),
+            None,
+        )
+        .await?;
+        match rx.recv(Duration::from_secs(10)).await? {
+            Some(Incoming::Json(v)) if v["type"] == "hello" => {}
+            other => anyhow::bail!("expected hello, got {other:?}"),
+        }
+        Ok(Client { rx, tx, next_id: 0 })
+    }
+
+    /// Stops every process and drops the keyspace.
+    pub async fn stop(mut self) {
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if let Ok(s) = store::connect(&self.store).await {
+            let _ = s.drop_keyspace().await;
+        }
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A connected test client.
+pub struct Client {
+    pub rx: WsReader,
+    pub tx: WsWriter,
+    next_id: u64,
+}
+
+impl Client {
+    /// Sends a request frame with a fresh `id` and waits for the frame that
+    /// answers it (same id).
+    pub async fn request(
+        &mut self,
+        mut frame: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.next_id += 1;
+        let id = format!("r{}", self.next_id);
+        frame["id"] = serde_json::json!(id);
+        self.tx.send(&frame).await?;
+        self.rx
+            .recv_until(Duration::from_secs(30), |v| v["id"] == id.as_str())
+            .await?
+            .with_context(|| format!("no answer to {frame}"))
+    }
+}
