@@ -12,9 +12,7 @@ CARGO ?= cargo
 
 ## run: start Kafka, Cassandra and the registry, create topics/schemas/tables, run the services
 run: infra-up build setup
-	@echo; echo "Gateway: http://127.0.0.1:$${CHAT_GATEWAY_PORT:-8080}/  (admin: /health, /metrics)"; \
-	echo "Stop with Ctrl-C; then 'make infra-down' stops the servers."; echo; \
-	exec target/debug/chat-gateway
+	@infra/run-services.sh
 
 ## test: every test (unit and end to end against the real stack)
 test:

@@ -22,6 +22,10 @@ async fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
         };
+    if let Err(e) = config.validate() {
+        eprintln!("chat-gateway: invalid configuration: {e}");
+        return std::process::ExitCode::from(2);
+    }
     chat_runtime::telemetry::init(config.log_format);
     let shutdown = chat_runtime::Shutdown::on_signals();
     match chat_gateway::run(config, shutdown).await {

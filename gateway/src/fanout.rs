@@ -1,0 +1,450 @@
+//! Deliveries: this gateway's partition of `chat.deliveries` and the local
+//! fan-out of what it carries.
+//!
+//! One task tails partition `deliveries_partition(gateway_id, partitions)`
+//! from where it stood at start-up, keeps the records keyed with this
+//! gateway's id, and hands each to the [`Hub`]:
+//! - `CommandResult` → the connection that produced the command (by the
+//!   command's event id);
+//! - `SessionRouted` → the connection waiting for it (by session id);
+//! - any chat event → every local connection of every user in the record's
+//!   `recipients` header.
+//!
+//! Nothing here ever waits on a connection: queues are bounded and a full
+//! one closes that connection with 4008 (slow consumer); other connections
+//! are not affected.
+
+use chat_log::{ConsumedEvent, TailItem, TopicTail, HEADER_RECIPIENTS};
+use chat_schemas::{Body, CommandResult};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::metrics::{GatewayMetrics, TypeLabel};
+use crate::protocol::{close, EventJson};
+
+/// Closes one connection: the first reason wins; every task of the
+/// connection watches [`Closer::cancelled`].
+#[derive(Clone, Debug, Default)]
+pub struct Closer {
+    token: CancellationToken,
+    reason: Arc<Mutex<Option<(u16, String)>>>,
+}
+
+/// Internal close code: the peer is gone, nothing is sent.
+pub const GONE: u16 = 1006;
+
+impl Closer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the connection to close now with `code` (the first reason wins):
+    /// every task stops; the writer sends a close frame with the reason.
+    pub fn close(&self, code: u16, reason: &str) {
+        self.set_reason(code, reason);
+        self.token.cancel();
+    }
+
+    /// Records why the connection ends (the first reason wins) without
+    /// stopping anything yet: used when a close frame is queued behind other
+    /// frames.
+    pub fn set_reason(&self, code: u16, reason: &str) {
+        if let Ok(mut r) = self.reason.lock() {
+            if r.is_none() {
+                *r = Some((code, reason.to_string()));
+            }
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.token.is_cancelled()
+    }
+
+    pub async fn cancelled(&self) {
+        self.token.cancelled().await
+    }
+
+    /// The code and reason the connection was closed with, if it was.
+    pub fn reason(&self) -> Option<(u16, String)> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// A live event ready for the sockets: its position and its `event` frame.
+#[derive(Clone, Debug)]
+pub struct LiveEvent {
+    pub chat: Uuid,
+    pub seq: Option<u64>,
+    pub frame: Arc<str>,
+}
+
+/// What the hub forwards to a connection about its commands.
+#[derive(Clone, Debug)]
+pub enum ResultMsg {
+    /// The sequencer's answer.
+    Sequencer(CommandResult),
+    /// The command could not be appended to `chat.commands`.
+    ProduceFailed { command_id: Uuid, message: String },
+}
+
+/// How the hub reaches one connection.
+#[derive(Clone, Debug)]
+pub struct ConnHandle {
+    pub conn_id: u64,
+    pub session_id: Uuid,
+    pub events: mpsc::Sender<LiveEvent>,
+    pub results: mpsc::Sender<ResultMsg>,
+    pub closer: Closer,
+}
+
+/// The local routing tables.
+#[derive(Debug)]
+pub struct Hub {
+    gateway_id: String,
+    users: RwLock<HashMap<String, Vec<ConnHandle>>>,
+    pending: Mutex<HashMap<Uuid, ConnHandle>>,
+    routed: Mutex<HashMap<Uuid, oneshot::Sender<Vec<u64>>>>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl Hub {
+    pub fn new(gateway_id: &str, metrics: Arc<GatewayMetrics>) -> Self {
+        Self {
+            gateway_id: gateway_id.to_string(),
+            users: RwLock::default(),
+            pending: Mutex::default(),
+            routed: Mutex::default(),
+            metrics,
+        }
+    }
+
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Starts buffering live events for `user` into `conn` (call before
+    /// producing SessionOpened) and returns the receiver of the router's
+    /// `SessionRouted` for this session.
+    pub fn register(&self, user: &str, conn: ConnHandle) -> oneshot::Receiver<Vec<u64>> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut r) = self.routed.lock() {
+            r.insert(conn.session_id, tx);
+        }
+        if let Ok(mut users) = self.users.write() {
+            users.entry(user.to_string()).or_default().push(conn);
+        }
+        rx
+    }
+
+    /// Forgets a connection and everything routed to it.
+    pub fn unregister(&self, user: &str, conn_id: u64, session_id: Uuid) {
+        if let Ok(mut users) = self.users.write() {
+            if let Some(list) = users.get_mut(user) {
+                list.retain(|c| c.conn_id != conn_id);
+                if list.is_empty() {
+                    users.remove(user);
+                }
+            }
+        }
+        if let Ok(mut p) = self.pending.lock() {
+            p.retain(|_, c| c.conn_id != conn_id);
+        }
+        if let Ok(mut r) = self.routed.lock() {
+            r.remove(&session_id);
+        }
+    }
+
+    /// Routes the result of `command_id` to `conn`.
+    pub fn add_pending(&self, command_id: Uuid, conn: ConnHandle) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(command_id, conn);
+        }
+    }
+
+    pub fn remove_pending(&self, command_id: Uuid) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.remove(&command_id);
+        }
+    }
+
+    /// Connections of `user` on this gateway.
+    pub fn connections_of(&self, user: &str) -> usize {
+        self.users
+            .read()
+            .map(|u| u.get(user).map_or(0, Vec::len))
+            .unwrap_or(0)
+    }
+
+    /// Handles one record of the deliveries partition.
+    pub fn dispatch(&self, record: &ConsumedEvent) {
+        if record.key.as_deref() != Some(self.gateway_id.as_bytes()) {
+            return; // another gateway sharing the partition
+        }
+        let envelope = &record.envelope;
+        let kind = envelope.body.kind();
+        self.metrics
+            .deliveries
+            .get_or_create(&TypeLabel { r#type: kind })
+            .inc();
+        match &envelope.body {
+            Body::CommandResult(r) => {
+                let conn = self
+                    .pending
+                    .lock()
+                    .ok()
+                    .and_then(|mut p| p.remove(&r.command_event_id));
+                if let Some(conn) = conn {
+                    if conn
+                        .results
+                        .try_send(ResultMsg::Sequencer(r.clone()))
+                        .is_err()
+                        && !conn.closer.is_closed()
+                    {
+                        conn.closer.close(close::SLOW_CONSUMER, "result queue full");
+                    }
+                }
+            }
+            Body::SessionRouted(r) => {
+                let waiter = self
+                    .routed
+                    .lock()
+                    .ok()
+                    .and_then(|mut w| w.remove(&r.session_id));
+                if let Some(tx) = waiter {
+                    let _ = tx.send(r.router_offsets.clone());
+                }
+            }
+            Body::SessionOpened(_) | Body::SessionClosed(_) | Body::PushTask(_) => {}
+            _ => self.fan_out(record),
+        }
+    }
+
+    fn fan_out(&self, record: &ConsumedEvent) {
+        let Some(recipients) = record.header(HEADER_RECIPIENTS) else {
+            tracing::warn!(
+                offset = record.offset,
+                "delivery without a recipients header; dropped"
+            );
+            return;
+        };
+        let Some(event) = EventJson::from_envelope(&record.envelope) else {
+            tracing::debug!(
+                kind = record.envelope.body.kind(),
+                "delivery without a chat; not sent to clients"
+            );
+            return;
+        };
+        let live = LiveEvent {
+            chat: event.chat,
+            seq: event.seq,
+            frame: Arc::from(event.frame()),
+        };
+        let Ok(users) = self.users.read() else {
+            return;
+        };
+        for user in recipients
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            for conn in users.get(user).into_iter().flatten() {
+                match conn.events.try_send(live.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if !conn.closer.is_closed() {
+                            conn.closer.close(close::SLOW_CONSUMER, "event queue full");
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Tails the deliveries partition into `hub` until `stop` fires.
+pub async fn run_tail(
+    tail: TopicTail,
+    hub: Arc<Hub>,
+    health: chat_runtime::Health,
+    stop: CancellationToken,
+) {
+    let mut failing = false;
+    loop {
+        let item = tokio::select! {
+            _ = stop.cancelled() => break,
+            item = tail.next() => item,
+        };
+        match item {
+            Ok(TailItem::Event(record)) => {
+                if failing {
+                    failing = false;
+                    health.ready("deliveries");
+                }
+                hub.dispatch(&record);
+            }
+            Ok(TailItem::Undecodable {
+                partition,
+                offset,
+                error,
+            }) => {
+                tracing::warn!(partition, offset, %error, "undecodable delivery record skipped");
+            }
+            Err(e) => {
+                if !failing {
+                    failing = true;
+                    health.not_ready("deliveries", e.to_string());
+                }
+                tracing::warn!(error = %e, "reading the deliveries partition failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_schemas::{CommandOutcome, Envelope, MessageKind, MessageSent, SessionRouted};
+    use prometheus_client::registry::Registry;
+
+    fn hub() -> Hub {
+        Hub::new(
+            "gw-a",
+            Arc::new(GatewayMetrics::register(&mut Registry::default())),
+        )
+    }
+
+    fn conn(
+        id: u64,
+        cap: usize,
+    ) -> (
+        ConnHandle,
+        mpsc::Receiver<LiveEvent>,
+        mpsc::Receiver<ResultMsg>,
+    ) {
+        let (etx, erx) = mpsc::channel(cap);
+        let (rtx, rrx) = mpsc::channel(cap);
+        (
+            ConnHandle {
+                conn_id: id,
+                session_id: Uuid::new_v4(),
+                events: etx,
+                results: rtx,
+                closer: Closer::new(),
+            },
+            erx,
+            rrx,
+        )
+    }
+
+    fn record(key: &str, body: Body, recipients: Option<&str>) -> ConsumedEvent {
+        let mut headers = Vec::new();
+        if let Some(r) = recipients {
+            headers.push((HEADER_RECIPIENTS.to_string(), r.as_bytes().to_vec()));
+        }
+        ConsumedEvent {
+            topic: "chat.deliveries".into(),
+            partition: 0,
+            offset: 0,
+            key: Some(key.as_bytes().to_vec()),
+            trace_id: "t".into(),
+            schema_id: 1,
+            headers,
+            envelope: Envelope {
+                event_id: Uuid::new_v4(),
+                chat_id: Some(Uuid::nil()),
+                seq: Some(1),
+                sender_user: "alice".into(),
+                sender_device: "d".into(),
+                client_msg_id: None,
+                client_ts: None,
+                server_ts: 1,
+                sequenced_ts: Some(2),
+                trace_id: "t".into(),
+                body,
+            },
+        }
+    }
+
+    fn msg() -> Body {
+        Body::MessageSent(MessageSent {
+            kind: MessageKind::Text,
+            text: Some("hi".into()),
+            media: None,
+            reply_to_seq: None,
+        })
+    }
+
+    #[test]
+    fn events_reach_every_connection_of_each_recipient_only() {
+        let h = hub();
+        let (a1, mut a1_rx, _r1) = conn(1, 8);
+        let (a2, mut a2_rx, _r2) = conn(2, 8);
+        let (b, mut b_rx, _r3) = conn(3, 8);
+        let (c, mut c_rx, _r4) = conn(4, 8);
+        drop(h.register("alice", a1));
+        drop(h.register("alice", a2));
+        drop(h.register("bob", b));
+        drop(h.register("carol", c));
+        h.dispatch(&record("gw-a", msg(), Some("alice,bob")));
+        assert!(a1_rx.try_recv().is_ok());
+        assert!(a2_rx.try_recv().is_ok());
+        assert!(b_rx.try_recv().is_ok());
+        assert!(c_rx.try_recv().is_err());
+        // Another gateway's record on a shared partition is ignored.
+        h.dispatch(&record("gw-b", msg(), Some("alice")));
+        assert!(a1_rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_full_queue_closes_only_that_connection() {
+        let h = hub();
+        let (slow, _slow_rx, _r1) = conn(1, 1);
+        let (fast, mut fast_rx, _r2) = conn(2, 8);
+        let (slow_closer, fast_closer) = (slow.closer.clone(), fast.closer.clone());
+        drop(h.register("alice", slow));
+        drop(h.register("bob", fast));
+        for _ in 0..3 {
+            h.dispatch(&record("gw-a", msg(), Some("alice,bob")));
+        }
+        assert_eq!(
+            slow_closer.reason().map(|r| r.0),
+            Some(close::SLOW_CONSUMER)
+        );
+        assert!(!fast_closer.is_closed());
+        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 3);
+    }
+
+    #[tokio::test]
+    async fn results_and_routing_reach_their_connection() {
+        let h = hub();
+        let (a, _erx, mut rrx) = conn(1, 8);
+        let session = a.session_id;
+        let routed = h.register("alice", a.clone());
+        let cmd = Uuid::new_v4();
+        h.add_pending(cmd, a);
+        let result = Body::CommandResult(CommandResult {
+            command_event_id: cmd,
+            outcome: CommandOutcome::Accepted,
+            seq: Some(5),
+            code: None,
+            reason: None,
+        });
+        h.dispatch(&record("gw-a", result.clone(), None));
+        assert!(matches!(rrx.try_recv(), Ok(ResultMsg::Sequencer(r)) if r.seq == Some(5)));
+        h.dispatch(&record("gw-a", result, None));
+        assert!(rrx.try_recv().is_err(), "a result is delivered once");
+        let body = Body::SessionRouted(SessionRouted {
+            session_id: session,
+            router_offsets: vec![3, 4],
+        });
+        h.dispatch(&record("gw-a", body, None));
+        assert_eq!(routed.await.unwrap(), vec![3, 4]);
+        h.unregister("alice", 1, session);
+        assert_eq!(h.connections_of("alice"), 0);
+    }
+}

@@ -1,0 +1,931 @@
+//! The JSON protocol v1 (PROTOCOL.md): parsing client frames, building
+//! server frames, error and close codes, and the one JSON shape of a chat
+//! event whether it comes live from the log or from history.
+//!
+//! Parsing never panics and never fails the connection: a frame that is not
+//! JSON, has no `type`, names an unknown type or has invalid fields becomes
+//! an error code and a message for an `error` frame.
+
+use chat_projectors::store::MessageRow;
+use chat_schemas::{ChatKind, Envelope, Role};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::HashMap;
+use uuid::Uuid;
+
+/// Protocol version announced in `hello`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// WebSocket close codes the gateway uses.
+pub mod close {
+    /// Normal closure (answer to the client's close).
+    pub const NORMAL: u16 = 1000;
+    /// The gateway is draining (shutdown, deploy): reconnect elsewhere.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A WebSocket protocol violation.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not valid UTF-8.
+    pub const INVALID_PAYLOAD: u16 = 1007;
+    /// A message larger than `limits.max_frame_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// An internal error of the gateway.
+    pub const INTERNAL: u16 = 1011;
+    /// A dependency is unavailable: try again later.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The token expired while connected: reconnect with a fresh token.
+    pub const AUTH_EXPIRED: u16 = 4001;
+    /// Nothing received for `timeouts.idle_ms`.
+    pub const IDLE: u16 = 4002;
+    /// The client did not read fast enough; its queue filled up.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// Too many malformed or invalid frames in a row.
+    pub const TOO_MANY_BAD_FRAMES: u16 = 4009;
+}
+
+/// Error codes of `error` frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadFrame,
+    UnknownType,
+    TooLarge,
+    Invalid,
+    UnknownChat,
+    NotMember,
+    Forbidden,
+    GroupFull,
+    RateLimited,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::BadFrame,
+        ErrorCode::UnknownType,
+        ErrorCode::TooLarge,
+        ErrorCode::Invalid,
+        ErrorCode::UnknownChat,
+        ErrorCode::NotMember,
+        ErrorCode::Forbidden,
+        ErrorCode::GroupFull,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::UnknownChat => "unknown_chat",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::GroupFull => "group_full",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code for a sequencer's rejection code; unknown codes map to `invalid`.
+    pub fn from_sequencer(code: Option<&str>) -> ErrorCode {
+        code.and_then(|c| ErrorCode::ALL.iter().copied().find(|e| e.as_str() == c))
+            .unwrap_or(ErrorCode::Invalid)
+    }
+
+    /// Whether this code counts towards `limits.max_bad_frames`.
+    pub fn is_client_fault(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::BadFrame | ErrorCode::UnknownType | ErrorCode::Invalid | ErrorCode::TooLarge
+        )
+    }
+}
+
+/// A frame's `id`: a string (at most 64 bytes) or an integer, echoed as given.
+pub type FrameId = Option<Value>;
+
+/// A parse or validation failure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A client frame, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientFrame {
+    Send {
+        chat: Uuid,
+        client_msg_id: String,
+        text: String,
+        reply_to: Option<u64>,
+    },
+    CreateChat {
+        kind: ChatKind,
+        members: Vec<String>,
+        title: Option<String>,
+        client_msg_id: Option<String>,
+    },
+    AddMember {
+        chat: Uuid,
+        user: String,
+        role: Role,
+        client_msg_id: Option<String>,
+    },
+    RemoveMember {
+        chat: Uuid,
+        user: String,
+        client_msg_id: Option<String>,
+    },
+    ChangeRole {
+        chat: Uuid,
+        user: String,
+        role: Role,
+        client_msg_id: Option<String>,
+    },
+    Leave {
+        chat: Uuid,
+        client_msg_id: Option<String>,
+    },
+    History {
+        chat: Uuid,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: u32,
+    },
+    Sync {
+        since: Option<i64>,
+        chats: HashMap<Uuid, u64>,
+    },
+    Chats,
+    Ping,
+}
+
+impl ClientFrame {
+    /// The frame's `type`, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Send { .. } => "send",
+            ClientFrame::CreateChat { .. } => "create_chat",
+            ClientFrame::AddMember { .. } => "add_member",
+            ClientFrame::RemoveMember { .. } => "remove_member",
+            ClientFrame::ChangeRole { .. } => "change_role",
+            ClientFrame::Leave { .. } => "leave",
+            ClientFrame::History { .. } => "history",
+            ClientFrame::Sync { .. } => "sync",
+            ClientFrame::Chats => "chats",
+            ClientFrame::Ping => "ping",
+        }
+    }
+}
+
+/// Limits that parsing enforces.
+#[derive(Clone, Copy, Debug)]
+pub struct ParseLimits {
+    pub max_text_bytes: usize,
+    pub max_history_limit: u32,
+    pub max_group_members: u32,
+}
+
+/// Most `sync.chats` entries.
+pub const MAX_SYNC_CHATS: usize = 5_000;
+/// Default `history.limit`.
+pub const DEFAULT_HISTORY_LIMIT: u32 = 50;
+/// Longest group title, bytes.
+pub const MAX_TITLE_BYTES: usize = 256;
+/// Longest `client_msg_id`, bytes.
+pub const MAX_CLIENT_MSG_ID_BYTES: usize = 64;
+
+#[derive(Deserialize)]
+struct SendBody {
+    chat: Uuid,
+    client_msg_id: String,
+    text: String,
+    #[serde(default)]
+    reply_to: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct CreateChatBody {
+    kind: ChatKind,
+    members: Vec<String>,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MemberBody {
+    chat: Uuid,
+    user: String,
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct LeaveBody {
+    chat: Uuid,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HistoryBody {
+    chat: Uuid,
+    #[serde(default)]
+    before: Option<u64>,
+    #[serde(default)]
+    after: Option<u64>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct SyncBody {
+    #[serde(default)]
+    since: Option<i64>,
+    #[serde(default)]
+    chats: Option<HashMap<Uuid, u64>>,
+}
+
+fn fields<T: for<'de> Deserialize<'de>>(kind: &str, v: Value) -> Result<T, FrameError> {
+    serde_json::from_value(v)
+        .map_err(|e| FrameError::new(ErrorCode::Invalid, format!("{kind}: {e}")))
+}
+
+fn check_client_msg_id(id: &str) -> Result<(), FrameError> {
+    if id.is_empty() || id.len() > MAX_CLIENT_MSG_ID_BYTES || id.chars().any(char::is_control) {
+        return Err(FrameError::new(
+            ErrorCode::Invalid,
+            "client_msg_id must be 1 to 64 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_opt_client_msg_id(id: &Option<String>) -> Result<(), FrameError> {
+    id.as_deref().map_or(Ok(()), check_client_msg_id)
+}
+
+fn check_user(user: &str) -> Result<(), FrameError> {
+    crate::auth::validate_user_id(user).map_err(|e| FrameError::new(ErrorCode::Invalid, e))
+}
+
+/// Parses one text message. Returns the frame's `id` (when it has a valid
+/// one, even if the rest is invalid, so the error can echo it) and the frame.
+pub fn parse(text: &str, limits: &ParseLimits) -> (FrameId, Result<ClientFrame, FrameError>) {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                None,
+                Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    format!("not JSON: {e}"),
+                )),
+            )
+        }
+    };
+    let Value::Object(mut map) = value else {
+        return (
+            None,
+            Err(FrameError::new(
+                ErrorCode::BadFrame,
+                "a frame is a JSON object",
+            )),
+        );
+    };
+    let id = match map.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 64 => Some(Value::String(s)),
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Some(Value::Number(n)),
+        Some(_) => {
+            return (
+                None,
+                Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    "id must be a string of at most 64 bytes or an integer",
+                )),
+            )
+        }
+    };
+    let kind = match map.remove("type") {
+        Some(Value::String(s)) => s,
+        _ => {
+            return (
+                id,
+                Err(FrameError::new(
+                    ErrorCode::BadFrame,
+                    "missing string field \"type\"",
+                )),
+            )
+        }
+    };
+    let body = Value::Object(map);
+    (id, parse_body(&kind, body, limits))
+}
+
+fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFrame, FrameError> {
+    match kind {
+        "send" => {
+            let b: SendBody = fields(kind, body)?;
+            check_client_msg_id(&b.client_msg_id)?;
+            if b.text.is_empty() {
+                return Err(FrameError::new(
+                    ErrorCode::Invalid,
+                    "text must not be empty",
+                ));
+            }
+            if b.text.len() > limits.max_text_bytes {
+                return Err(FrameError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "text is {} bytes; at most {}",
+                        b.text.len(),
+                        limits.max_text_bytes
+                    ),
+                ));
+            }
+            if b.reply_to == Some(0) {
+                return Err(FrameError::new(
+                    ErrorCode::Invalid,
+                    "reply_to is a seq (>= 1)",
+                ));
+            }
+            Ok(ClientFrame::Send {
+                chat: b.chat,
+                client_msg_id: b.client_msg_id,
+                text: b.text,
+                reply_to: b.reply_to,
+            })
+        }
+        "create_chat" => {
+            let b: CreateChatBody = fields(kind, body)?;
+            check_opt_client_msg_id(&b.client_msg_id)?;
+            for m in &b.members {
+                check_user(m)?;
+            }
+            let mut members = b.members;
+            members.sort();
+            members.dedup();
+            match b.kind {
+                ChatKind::Direct => {
+                    if members.len() != 1 {
+                        return Err(FrameError::new(
+                            ErrorCode::Invalid,
+                            "a direct chat has exactly one other member",
+                        ));
+                    }
+                    if b.title.is_some() {
+                        return Err(FrameError::new(
+                            ErrorCode::Invalid,
+                            "a direct chat has no title",
+                        ));
+                    }
+                }
+                ChatKind::Group => {
+                    if members.len() + 1 > limits.max_group_members as usize {
+                        return Err(FrameError::new(
+                            ErrorCode::GroupFull,
+                            format!("a group has at most {} members", limits.max_group_members),
+                        ));
+                    }
+                    if let Some(t) = &b.title {
+                        if t.trim().is_empty() || t.len() > MAX_TITLE_BYTES {
+                            return Err(FrameError::new(
+                                ErrorCode::Invalid,
+                                "title must be 1 to 256 bytes",
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(ClientFrame::CreateChat {
+                kind: b.kind,
+                members,
+                title: b.title,
+                client_msg_id: b.client_msg_id,
+            })
+        }
+        "add_member" | "change_role" | "remove_member" => {
+            let b: MemberBody = fields(kind, body)?;
+            check_opt_client_msg_id(&b.client_msg_id)?;
+            check_user(&b.user)?;
+            Ok(match kind {
+                "add_member" => ClientFrame::AddMember {
+                    chat: b.chat,
+                    user: b.user,
+                    role: b.role.unwrap_or(Role::Member),
+                    client_msg_id: b.client_msg_id,
+                },
+                "change_role" => ClientFrame::ChangeRole {
+                    chat: b.chat,
+                    user: b.user,
+                    role: b.role.ok_or_else(|| {
+                        FrameError::new(ErrorCode::Invalid, "change_role: missing field `role`")
+                    })?,
+                    client_msg_id: b.client_msg_id,
+                },
+                _ => ClientFrame::RemoveMember {
+                    chat: b.chat,
+                    user: b.user,
+                    client_msg_id: b.client_msg_id,
+                },
+            })
+        }
+        "leave" => {
+            let b: LeaveBody = fields(kind, body)?;
+            check_opt_client_msg_id(&b.client_msg_id)?;
+            Ok(ClientFrame::Leave {
+                chat: b.chat,
+                client_msg_id: b.client_msg_id,
+            })
+        }
+        "history" => {
+            let b: HistoryBody = fields(kind, body)?;
+            let limit = b
+                .limit
+                .unwrap_or(DEFAULT_HISTORY_LIMIT.min(limits.max_history_limit));
+            if limit == 0 || limit > limits.max_history_limit {
+                return Err(FrameError::new(
+                    ErrorCode::Invalid,
+                    format!("limit must be 1 to {}", limits.max_history_limit),
+                ));
+            }
+            if let (Some(a), Some(bf)) = (b.after, b.before) {
+                if a >= bf {
+                    return Err(FrameError::new(
+                        ErrorCode::Invalid,
+                        "after must be below before",
+                    ));
+                }
+            }
+            Ok(ClientFrame::History {
+                chat: b.chat,
+                before: b.before,
+                after: b.after,
+                limit,
+            })
+        }
+        "sync" => {
+            let b: SyncBody = fields(kind, body)?;
+            let chats = b.chats.unwrap_or_default();
+            if chats.len() > MAX_SYNC_CHATS {
+                return Err(FrameError::new(
+                    ErrorCode::TooLarge,
+                    format!("sync.chats has at most {MAX_SYNC_CHATS} entries"),
+                ));
+            }
+            if b.since.is_some_and(|s| s < 0) {
+                return Err(FrameError::new(
+                    ErrorCode::Invalid,
+                    "since is a checkpoint from synced (>= 0)",
+                ));
+            }
+            Ok(ClientFrame::Sync {
+                since: b.since,
+                chats,
+            })
+        }
+        "chats" => Ok(ClientFrame::Chats),
+        "heartbeat" | "ping" => Ok(ClientFrame::Ping),
+        other => {
+            let shown: String = other.chars().take(32).collect();
+            Err(FrameError::new(
+                ErrorCode::UnknownType,
+                format!("unknown frame type {shown:?}"),
+            ))
+        }
+    }
+}
+
+/// A chat event as clients see it (in `event` frames and in `history.events`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EventJson {
+    pub chat: Uuid,
+    pub seq: Option<u64>,
+    pub kind: String,
+    pub sender: String,
+    pub device: String,
+    pub client_msg_id: Option<String>,
+    /// When the sequencer assigned the seq (ms since the epoch); the gateway's
+    /// accept time for events that are not sequenced.
+    pub ts: i64,
+    pub body: Value,
+}
+
+impl EventJson {
+    /// From a live envelope (`None` for an envelope without a chat).
+    pub fn from_envelope(e: &Envelope) -> Option<Self> {
+        let chat = e.chat_id?;
+        let body = match serde_json::to_value(&e.body) {
+            Ok(v) => unwrap_tagged(v, e.body.kind()),
+            Err(_) => Value::Null,
+        };
+        Some(Self {
+            chat,
+            seq: e.seq,
+            kind: e.body.kind().to_string(),
+            sender: e.sender_user.clone(),
+            device: e.sender_device.clone(),
+            client_msg_id: e.client_msg_id.clone(),
+            ts: e.sequenced_ts.unwrap_or(e.server_ts),
+            body,
+        })
+    }
+
+    /// From a history row. The row's `body` JSON may be the bare record or
+    /// the record tagged with its kind; both give the same `body` here.
+    pub fn from_row(r: &MessageRow) -> Self {
+        let body = match serde_json::from_str::<Value>(&r.body) {
+            Ok(v) => unwrap_tagged(v, &r.kind),
+            Err(_) => Value::String(r.body.clone()),
+        };
+        Self {
+            chat: r.chat_id,
+            seq: Some(r.seq),
+            kind: r.kind.clone(),
+            sender: r.sender_user.clone(),
+            device: r.sender_device.clone(),
+            client_msg_id: r.client_msg_id.clone(),
+            ts: if r.sequenced_ts_ms > 0 {
+                r.sequenced_ts_ms
+            } else {
+                r.server_ts_ms
+            },
+            body,
+        }
+    }
+
+    /// The `event` frame of this event, serialized.
+    pub fn frame(&self) -> String {
+        #[derive(Serialize)]
+        struct Frame<'a> {
+            r#type: &'static str,
+            #[serde(flatten)]
+            event: &'a EventJson,
+        }
+        serde_json::to_string(&Frame {
+            r#type: "event",
+            event: self,
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// `{"Kind": {...}}` → `{...}`; anything else unchanged.
+fn unwrap_tagged(v: Value, kind: &str) -> Value {
+    match v {
+        Value::Object(mut m) if m.len() == 1 && m.contains_key(kind) => {
+            m.remove(kind).unwrap_or(Value::Null)
+        }
+        other => other,
+    }
+}
+
+/// The limits announced in `hello`.
+#[derive(Clone, Debug, Serialize)]
+pub struct HelloLimits {
+    pub max_frame_bytes: usize,
+    pub max_text_bytes: usize,
+    pub max_history_limit: u32,
+    pub max_group_members: u32,
+    pub max_pending_commands: usize,
+    pub send_rate_per_s: f64,
+    pub send_burst: f64,
+    pub idle_timeout_ms: u64,
+    pub ack_timeout_ms: u64,
+}
+
+/// One chat of the `chats` answer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ChatSummary {
+    pub chat: Uuid,
+    pub kind: Option<String>,
+    pub title: Option<String>,
+    pub role: Option<String>,
+    pub joined_seq: Option<u64>,
+    pub left_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub last_read_seq: Option<u64>,
+    pub muted: bool,
+}
+
+/// Server frames other than `event` (which is pre-serialized, see [`EventJson::frame`]).
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Hello {
+        v: u32,
+        user: String,
+        device: String,
+        gateway: String,
+        session: Uuid,
+        limits: HelloLimits,
+    },
+    Ack {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        chat: Uuid,
+        seq: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+        server_ts: i64,
+        duplicate: bool,
+    },
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        code: &'static str,
+        message: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        chat: Option<Uuid>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_msg_id: Option<String>,
+    },
+    History {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        chat: Uuid,
+        events: Vec<EventJson>,
+        has_more: bool,
+    },
+    Synced {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        checkpoint: i64,
+        truncated: Vec<Uuid>,
+    },
+    Chats {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        chats: Vec<ChatSummary>,
+    },
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        ts: i64,
+    },
+    Reconnect {
+        reason: &'static str,
+    },
+}
+
+impl ServerFrame {
+    pub fn error(id: FrameId, code: ErrorCode, message: impl Into<String>) -> Self {
+        ServerFrame::Error {
+            id,
+            code: code.as_str(),
+            message: message.into(),
+            chat: None,
+            client_msg_id: None,
+        }
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The `type` of the frame, for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerFrame::Hello { .. } => "hello",
+            ServerFrame::Ack { .. } => "ack",
+            ServerFrame::Error { .. } => "error",
+            ServerFrame::History { .. } => "history",
+            ServerFrame::Synced { .. } => "synced",
+            ServerFrame::Chats { .. } => "chats",
+            ServerFrame::Pong { .. } => "pong",
+            ServerFrame::Reconnect { .. } => "reconnect",
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_schemas::{Body, MessageKind, MessageSent};
+
+    const L: ParseLimits = ParseLimits {
+        max_text_bytes: 10,
+        max_history_limit: 100,
+        max_group_members: 3,
+    };
+    const CHAT: &str = "5f0c7d8e-1b2a-4c3d-9e8f-0a1b2c3d4e5f";
+
+    fn code(text: &str) -> ErrorCode {
+        parse(text, &L).1.unwrap_err().code
+    }
+
+    #[test]
+    fn malformed_frames_are_bad_frame() {
+        assert_eq!(code("not json"), ErrorCode::BadFrame);
+        assert_eq!(code("[1,2]"), ErrorCode::BadFrame);
+        assert_eq!(code("{}"), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":5}"#), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":"ping","id":{"a":1}}"#), ErrorCode::BadFrame);
+        assert_eq!(code(r#"{"type":"teleport"}"#), ErrorCode::UnknownType);
+    }
+
+    #[test]
+    fn ids_are_echoed_even_on_invalid_frames() {
+        let (id, r) = parse(r#"{"type":"send","id":"x1"}"#, &L);
+        assert_eq!(id, Some(Value::String("x1".into())));
+        assert_eq!(r.unwrap_err().code, ErrorCode::Invalid);
+        let (id, r) = parse(r#"{"type":"ping","id":7}"#, &L);
+        assert_eq!(id, Some(serde_json::json!(7)));
+        assert_eq!(r.unwrap(), ClientFrame::Ping);
+        assert_eq!(
+            parse(r#"{"type":"heartbeat"}"#, &L).1.unwrap(),
+            ClientFrame::Ping
+        );
+    }
+
+    #[test]
+    fn send_is_validated() {
+        let ok = format!(
+            r#"{{"type":"send","chat":"{CHAT}","client_msg_id":"c1","text":"hi","reply_to":3}}"#
+        );
+        match parse(&ok, &L).1.unwrap() {
+            ClientFrame::Send { text, reply_to, .. } => {
+                assert_eq!(text, "hi");
+                assert_eq!(reply_to, Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        let long = format!(
+            r#"{{"type":"send","chat":"{CHAT}","client_msg_id":"c1","text":"0123456789x"}}"#
+        );
+        assert_eq!(code(&long), ErrorCode::TooLarge);
+        let empty = format!(r#"{{"type":"send","chat":"{CHAT}","client_msg_id":"c1","text":""}}"#);
+        assert_eq!(code(&empty), ErrorCode::Invalid);
+        let bad_chat = r#"{"type":"send","chat":"nope","client_msg_id":"c1","text":"hi"}"#;
+        assert_eq!(code(bad_chat), ErrorCode::Invalid);
+        let no_cmid =
+            format!(r#"{{"type":"send","chat":"{CHAT}","client_msg_id":"","text":"hi"}}"#);
+        assert_eq!(code(&no_cmid), ErrorCode::Invalid);
+    }
+
+    #[test]
+    fn chat_management_frames() {
+        let direct = r#"{"type":"create_chat","kind":"direct","members":["bob"]}"#;
+        assert!(matches!(
+            parse(direct, &L).1.unwrap(),
+            ClientFrame::CreateChat {
+                kind: ChatKind::Direct,
+                ..
+            }
+        ));
+        let two = r#"{"type":"create_chat","kind":"direct","members":["bob","carol"]}"#;
+        assert_eq!(code(two), ErrorCode::Invalid);
+        let big = r#"{"type":"create_chat","kind":"group","members":["a","b","c"],"title":"t"}"#;
+        assert_eq!(code(big), ErrorCode::GroupFull);
+        let kind = r#"{"type":"create_chat","kind":"channel","members":["a"]}"#;
+        assert_eq!(code(kind), ErrorCode::Invalid);
+        let add = format!(r#"{{"type":"add_member","chat":"{CHAT}","user":"bob"}}"#);
+        assert!(matches!(
+            parse(&add, &L).1.unwrap(),
+            ClientFrame::AddMember {
+                role: Role::Member,
+                ..
+            }
+        ));
+        let role = format!(r#"{{"type":"change_role","chat":"{CHAT}","user":"bob"}}"#);
+        assert_eq!(code(&role), ErrorCode::Invalid);
+        let role =
+            format!(r#"{{"type":"change_role","chat":"{CHAT}","user":"bob","role":"admin"}}"#);
+        assert!(matches!(
+            parse(&role, &L).1.unwrap(),
+            ClientFrame::ChangeRole {
+                role: Role::Admin,
+                ..
+            }
+        ));
+        let leave = format!(r#"{{"type":"leave","chat":"{CHAT}"}}"#);
+        assert!(matches!(
+            parse(&leave, &L).1.unwrap(),
+            ClientFrame::Leave { .. }
+        ));
+    }
+
+    #[test]
+    fn history_and_sync() {
+        let h = format!(r#"{{"type":"history","chat":"{CHAT}","before":10}}"#);
+        assert!(matches!(
+            parse(&h, &L).1.unwrap(),
+            ClientFrame::History {
+                limit: 50,
+                before: Some(10),
+                ..
+            }
+        ));
+        let h = format!(r#"{{"type":"history","chat":"{CHAT}","limit":101}}"#);
+        assert_eq!(code(&h), ErrorCode::Invalid);
+        let s = format!(r#"{{"type":"sync","since":null,"chats":{{"{CHAT}":4}}}}"#);
+        match parse(&s, &L).1.unwrap() {
+            ClientFrame::Sync { since, chats } => {
+                assert_eq!(since, None);
+                assert_eq!(chats.values().copied().collect::<Vec<_>>(), [4]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"type":"sync"}"#, &L).1.unwrap(),
+            ClientFrame::Sync { .. }
+        ));
+    }
+
+    #[test]
+    fn event_json_is_the_same_live_and_from_history() {
+        let chat = Uuid::new_v4();
+        let env = Envelope {
+            event_id: Uuid::new_v4(),
+            chat_id: Some(chat),
+            seq: Some(7),
+            sender_user: "alice".into(),
+            sender_device: "d1".into(),
+            client_msg_id: Some("c1".into()),
+            client_ts: None,
+            server_ts: 100,
+            sequenced_ts: Some(105),
+            trace_id: "t".into(),
+            body: Body::MessageSent(MessageSent {
+                kind: MessageKind::Text,
+                text: Some("hi".into()),
+                media: None,
+                reply_to_seq: None,
+            }),
+        };
+        let live = EventJson::from_envelope(&env).unwrap();
+        assert_eq!(live.body["text"], "hi");
+        assert_eq!(live.body["kind"], "text");
+        for stored in [
+            serde_json::to_string(&env.body).unwrap(),
+            serde_json::to_string(&live.body).unwrap(),
+        ] {
+            let row = MessageRow {
+                chat_id: chat,
+                seq: 7,
+                event_id: env.event_id,
+                kind: "MessageSent".into(),
+                sender_user: "alice".into(),
+                sender_device: "d1".into(),
+                client_msg_id: Some("c1".into()),
+                body: stored,
+                server_ts_ms: 100,
+                sequenced_ts_ms: 105,
+                trace_id: "t".into(),
+            };
+            assert_eq!(EventJson::from_row(&row), live);
+        }
+        let frame: Value = serde_json::from_str(&live.frame()).unwrap();
+        assert_eq!(frame["type"], "event");
+        assert_eq!(frame["seq"], 7);
+        assert_eq!(frame["body"]["text"], "hi");
+    }
+
+    #[test]
+    fn server_frames_serialize_with_a_type() {
+        let f = ServerFrame::error(
+            Some(serde_json::json!("a")),
+            ErrorCode::RateLimited,
+            "slow down",
+        );
+        let v: Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"error","id":"a","code":"rate_limited","message":"slow down"})
+        );
+        assert_eq!(
+            ErrorCode::from_sequencer(Some("not_member")),
+            ErrorCode::NotMember
+        );
+        assert_eq!(
+            ErrorCode::from_sequencer(Some("whatever")),
+            ErrorCode::Invalid
+        );
+    }
+}

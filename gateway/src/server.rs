@@ -1,0 +1,568 @@
+//! Start-up, the HTTP listener and graceful shutdown.
+//!
+//! One listener serves `GET /ws` (the WebSocket protocol), `POST /dev/login`
+//! (when `dev_login = true`), `/health` and `/metrics`. Connections are
+//! served by hyper's HTTP/1 server with a header read timeout, so a
+//! handshake that never completes does not hold a slot; upgrades are checked
+//! (draining, Origin, token, device, connection limit) before the 101.
+//!
+//! Shutdown (SIGTERM or [`GatewayHandle::stop`]): stop accepting, tell every
+//! client `reconnect` and close it with 1001, produce `SessionClosed` for
+//! each session, flush the producer, all within `shutdown_grace_ms`.
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chat_log::{deliveries_partition, EventProducer, SchemaRegistry, TailStart, TopicTail, Topics};
+use chat_runtime::{Health, Shutdown};
+use chat_schemas::{Body as EventBody, Envelope};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::auth::{self, Authenticator};
+use crate::config::{ms, GatewayConfig};
+use crate::connection;
+use crate::fanout::{self, Closer, Hub};
+use crate::history::HistoryReader;
+use crate::metrics::GatewayMetrics;
+use crate::protocol::{close, now_ms};
+use crate::ratelimit::RateLimiter;
+
+/// A session this gateway announced with `SessionOpened`.
+#[derive(Debug)]
+struct SessionEntry {
+    user: String,
+    device: String,
+    closer: Closer,
+}
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub config: GatewayConfig,
+    pub topics: Topics,
+    pub producer: EventProducer,
+    pub history: Arc<dyn HistoryReader>,
+    pub hub: Arc<Hub>,
+    pub auth: Authenticator,
+    pub limiter: RateLimiter,
+    pub metrics: Arc<GatewayMetrics>,
+    /// Fired at shutdown: no new upgrades; every session says `reconnect`.
+    pub drain: CancellationToken,
+    pub tracker: TaskTracker,
+    sessions: Mutex<HashMap<Uuid, SessionEntry>>,
+    conn_ids: AtomicU64,
+}
+
+impl Shared {
+    pub fn next_conn_id(&self) -> u64 {
+        self.conn_ids.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn sessions_insert(&self, session: Uuid, user: &str, device: &str, closer: Closer) {
+        if let Ok(mut s) = self.sessions.lock() {
+            s.insert(
+                session,
+                SessionEntry {
+                    user: user.to_string(),
+                    device: device.to_string(),
+                    closer,
+                },
+            );
+        }
+    }
+
+    /// Forgets a session; whoever removes it produces its `SessionClosed`.
+    pub fn sessions_remove(&self, session: Uuid) -> Option<(String, String)> {
+        self.sessions
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&session))
+            .map(|e| (e.user, e.device))
+    }
+
+    /// A user-scoped envelope for `chat.sessions`.
+    pub fn session_envelope(&self, user: &str, device: &str, body: EventBody) -> Envelope {
+        Envelope {
+            event_id: Uuid::new_v4(),
+            chat_id: None,
+            seq: None,
+            sender_user: user.to_string(),
+            sender_device: device.to_string(),
+            client_msg_id: None,
+            client_ts: None,
+            server_ts: now_ms(),
+            sequenced_ts: None,
+            trace_id: Uuid::new_v4().simple().to_string(),
+            body,
+        }
+    }
+
+    /// Produces `SessionClosed` (bounded wait; a failure is logged).
+    pub async fn produce_session_closed(
+        &self,
+        user: &str,
+        device: &str,
+        session: Uuid,
+        reason: String,
+    ) {
+        let body = connection::session_closed(&self.config.gateway_id, device, session, reason);
+        let env = self.session_envelope(user, device, body);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.producer.send(&self.topics.sessions, user, &env),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::warn!(%session, ?sent, "SessionClosed not produced");
+        }
+    }
+}
+
+/// Starts gateways (in-process, e.g. in tests).
+#[derive(Debug)]
+pub struct Gateway;
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    gateway_id: String,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl GatewayHandle {
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn gateway_id(&self) -> &str {
+        &self.gateway_id
+    }
+
+    /// Starts a graceful shutdown (as SIGTERM does).
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// Waits until the gateway stopped.
+    pub async fn stopped(self) -> anyhow::Result<()> {
+        self.task.await?
+    }
+
+    /// Shuts down and waits.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown();
+        self.stopped().await
+    }
+}
+
+impl Gateway {
+    /// Connects to Kafka, the registry and Cassandra, starts tailing the
+    /// deliveries partition and serving. Returns the bound address (use port
+    /// 0 in tests) and a handle.
+    pub async fn start(config: GatewayConfig) -> anyhow::Result<(SocketAddr, GatewayHandle)> {
+        start(config, None, Shutdown::new()).await
+    }
+
+    /// Like [`Gateway::start`], reading history from `history` instead of
+    /// connecting to Cassandra.
+    pub async fn start_with_history(
+        config: GatewayConfig,
+        history: Arc<dyn HistoryReader>,
+    ) -> anyhow::Result<(SocketAddr, GatewayHandle)> {
+        start(config, Some(history), Shutdown::new()).await
+    }
+}
+
+/// Runs the gateway until `shutdown` fires, then drains.
+pub async fn run(config: GatewayConfig, shutdown: Shutdown) -> anyhow::Result<()> {
+    let (_, handle) = start(config, None, shutdown).await?;
+    handle.stopped().await
+}
+
+async fn start(
+    config: GatewayConfig,
+    history: Option<Arc<dyn HistoryReader>>,
+    shutdown: Shutdown,
+) -> anyhow::Result<(SocketAddr, GatewayHandle)> {
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    let health = Health::new();
+    for c in ["kafka", "registry", "cassandra", "deliveries"] {
+        health.not_ready(c, "checking");
+    }
+    chat_log::topics::check_brokers(&config.log).await?;
+    health.ready("kafka");
+    let registry = Arc::new(SchemaRegistry::new(&config.log)?);
+    registry.check_reachable().await?;
+    health.ready("registry");
+    let history: Arc<dyn HistoryReader> = match history {
+        Some(h) => h,
+        None => Arc::new(chat_projectors::store::connect(&config.store).await?),
+    };
+    health.ready("cassandra");
+
+    let mut prom = Registry::with_prefix("chat_gateway");
+    let info = prometheus_client::metrics::info::Info::new(vec![
+        ("gateway_id", config.gateway_id.clone()),
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+    ]);
+    prom.register("build", "Gateway identity and version", info);
+    let metrics = Arc::new(GatewayMetrics::register(&mut prom));
+
+    let topics = Topics::new(&config.log);
+    let producer = EventProducer::connect(&config.log, registry.clone()).await?;
+    let auth = Authenticator::new(&config.auth, config.dev_login)?;
+
+    // Tail this gateway's deliveries partition from its current end. The
+    // end is read first and the tail opened at that offset, so nothing
+    // written after start-up (a SessionRouted, a result) can be skipped.
+    let partition = deliveries_partition(&config.gateway_id, config.log.chat_partitions);
+    let probe = TopicTail::open(
+        &config.log,
+        registry.clone(),
+        &topics.deliveries,
+        Some(vec![partition]),
+        TailStart::End,
+    )
+    .await?;
+    let ends = probe.high_watermarks().await?;
+    drop(probe);
+    let tail = TopicTail::open(
+        &config.log,
+        registry.clone(),
+        &topics.deliveries,
+        Some(vec![partition]),
+        TailStart::Offsets(ends.clone()),
+    )
+    .await?;
+    health.ready("deliveries");
+    let hub = Arc::new(Hub::new(&config.gateway_id, metrics.clone()));
+    let tail_stop = CancellationToken::new();
+    let tail_task = tokio::spawn(fanout::run_tail(
+        tail,
+        hub.clone(),
+        health.clone(),
+        tail_stop.clone(),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        limiter: RateLimiter::new(config.limits.send_rate_per_s, config.limits.send_burst),
+        config,
+        topics,
+        producer,
+        history,
+        hub,
+        auth,
+        metrics,
+        drain: CancellationToken::new(),
+        tracker: TaskTracker::new(),
+        sessions: Mutex::default(),
+        conn_ids: AtomicU64::new(1),
+    });
+    let app = router(shared.clone(), health, Arc::new(prom));
+    tracing::info!(
+        gateway_id = %shared.config.gateway_id,
+        %addr,
+        deliveries_partition = partition,
+        from_offset = ?ends.get(&partition),
+        "gateway listening"
+    );
+
+    let gateway_id = shared.config.gateway_id.clone();
+    let task = tokio::spawn(serve(
+        shared,
+        listener,
+        app,
+        shutdown.clone(),
+        tail_stop,
+        tail_task,
+    ));
+    Ok((
+        addr,
+        GatewayHandle {
+            addr,
+            gateway_id,
+            shutdown,
+            task,
+        },
+    ))
+}
+
+fn router(shared: Arc<Shared>, health: Health, metrics: chat_runtime::Metrics) -> Router {
+    let mut app = Router::new().route("/ws", get(ws_handler));
+    if shared.config.dev_login {
+        app = app.route("/dev/login", post(dev_login));
+    }
+    app.with_state(shared)
+        .merge(chat_runtime::admin::admin_router(health, metrics))
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: Shutdown,
+    tail_stop: CancellationToken,
+    tail_task: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
+    let header_timeout = ms(shared.config.timeouts.header_read_ms);
+    let limiter_sweep = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                shared.limiter.sweep();
+            }
+        })
+    };
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, go on.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let drain = shared.drain.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended");
+                    }
+                }
+                _ = drain.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    limiter_sweep.abort();
+
+    // Drain: every session sends `reconnect`, closes with 1001 and produces
+    // its SessionClosed; leftovers are closed here.
+    let grace = ms(shared.config.shutdown_grace_ms);
+    let deadline = Instant::now() + grace;
+    let open = shared.metrics.connections.get();
+    tracing::info!(open, "draining");
+    shared.drain.cancel();
+    shared.tracker.close();
+    let budget = grace
+        .saturating_sub(Duration::from_millis(1500))
+        .max(Duration::from_millis(200));
+    if tokio::time::timeout(budget, shared.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open at the end of the grace period; closing them");
+    }
+    let leftovers: Vec<(Uuid, SessionEntry)> = shared
+        .sessions
+        .lock()
+        .map(|mut s| s.drain().collect())
+        .unwrap_or_default();
+    let closing = leftovers.into_iter().map(|(id, e)| {
+        e.closer.close(close::GOING_AWAY, "server draining");
+        let shared = shared.clone();
+        async move {
+            shared
+                .produce_session_closed(&e.user, &e.device, id, "shutdown".into())
+                .await
+        }
+    });
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = tokio::time::timeout(
+        left.max(Duration::from_millis(200)),
+        futures::future::join_all(closing),
+    )
+    .await;
+    tail_stop.cancel();
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(200));
+    if let Err(e) = shared.producer.flush(left).await {
+        tracing::warn!(error = %e, "producer flush at shutdown failed");
+    }
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    let _ = tokio::time::timeout(left, tail_task).await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+fn reject(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    let body = serde_json::json!({ "error": code, "message": message.into() });
+    (status, Json(body)).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+/// `GET /ws`: every check before the 101, then the upgrade.
+async fn ws_handler(State(shared): State<Arc<Shared>>, mut req: Request) -> Response {
+    let m = &shared.metrics;
+    if shared.drain.is_cancelled() {
+        m.rejected("draining");
+        return reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this gateway is shutting down; reconnect",
+        );
+    }
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().unwrap_or("\u{0}"));
+    if !auth::origin_allowed(origin, &shared.config.allowed_origins) {
+        m.rejected("origin");
+        return reject(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin may not connect",
+        );
+    }
+    let query = match Query::<WsQuery>::try_from_uri(req.uri()) {
+        Ok(Query(q)) => q,
+        Err(e) => {
+            m.rejected("bad_request");
+            return reject(StatusCode::BAD_REQUEST, "bad_request", e.body_text());
+        }
+    };
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let Some(token) = auth::token_from(authorization, query.token.as_deref()) else {
+        m.rejected("missing_token");
+        return reject(
+            StatusCode::UNAUTHORIZED,
+            "missing_token",
+            auth::AuthError::Missing.to_string(),
+        );
+    };
+    let who = match shared.auth.verify(&token) {
+        Ok(who) => who,
+        Err(e) => {
+            m.rejected(e.code());
+            return reject(StatusCode::UNAUTHORIZED, e.code(), e.to_string());
+        }
+    };
+    let device = match auth::resolve_device(who.device.as_deref(), query.device.as_deref()) {
+        Ok(d) => d,
+        Err(e) => {
+            m.rejected("invalid_device");
+            return reject(StatusCode::BAD_REQUEST, "invalid_device", e);
+        }
+    };
+    if m.connections.get()
+        >= i64::try_from(shared.config.limits.max_connections).unwrap_or(i64::MAX)
+    {
+        m.rejected("capacity");
+        return reject(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "capacity",
+            "this gateway is full; try another",
+        );
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        m.rejected("not_websocket");
+        return reject(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint speaks WebSocket",
+        );
+    }
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(u) => u,
+        Err(e) => {
+            m.rejected("bad_upgrade");
+            return reject(StatusCode::BAD_REQUEST, "bad_upgrade", e.to_string());
+        }
+    };
+    let task_shared = shared.clone();
+    shared
+        .tracker
+        .spawn(async move { connection::serve(task_shared, upgrade, who, device).await });
+    response.map(Body::new)
+}
+
+#[derive(Debug, Deserialize)]
+struct LoginRequest {
+    user: String,
+    #[serde(default)]
+    device: Option<String>,
+}
+
+/// `POST /dev/login {"user","device"}` → `{"token","expires_at"}` (development).
+async fn dev_login(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let req: LoginRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return reject(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("expected {{\"user\":...,\"device\":...}}: {e}"),
+            )
+        }
+    };
+    if let Err(e) = auth::validate_user_id(&req.user) {
+        return reject(StatusCode::BAD_REQUEST, "invalid_user", e);
+    }
+    if let Some(d) = &req.device {
+        if let Err(e) = auth::validate_device(d) {
+            return reject(StatusCode::BAD_REQUEST, "invalid_device", e);
+        }
+    }
+    match shared.auth.mint(&req.user, req.device.as_deref()) {
+        Ok((token, exp)) => Json(serde_json::json!({
+            "token": token,
+            "user": req.user,
+            "device": req.device,
+            "expires_at": exp,
+        }))
+        .into_response(),
+        Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}

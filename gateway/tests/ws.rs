@@ -1,0 +1,937 @@
+//! The gateway in-process against the real Kafka and registry (`make
+//! infra-up`), with history from a [`MemoryHistory`]. Each test uses its own
+//! topic prefix and gateway id, so they run in parallel.
+//!
+//! The sequencer and the router are played by the test: it reads what the
+//! gateway produced (`chat.commands`, `chat.sessions`) and writes what they
+//! would write to the gateway's `chat.deliveries` partition.
+
+use bytes::Bytes;
+use chat_gateway::history::text_row;
+use chat_gateway::{Gateway, GatewayConfig, GatewayHandle, MemoryHistory};
+use chat_log::{
+    deliveries_partition, EventProducer, LogConfig, SchemaRegistry, TailItem, TailStart, TopicTail,
+    Topics, HEADER_GATEWAY_ID, HEADER_RECIPIENTS,
+};
+use chat_runtime::Secret;
+use chat_schemas::{
+    Body, CommandOutcome, CommandResult, Envelope, MessageKind, MessageSent, SessionRouted,
+};
+use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
+use http_body_util::Empty;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use uuid::Uuid;
+
+const SECRET: &str = "integration-test-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(20);
+
+type Ws = WebSocket<TokioIo<Upgraded>>;
+
+struct SpawnExecutor;
+
+impl<Fut> hyper::rt::Executor<Fut> for SpawnExecutor
+where
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    fn execute(&self, fut: Fut) {
+        tokio::spawn(fut);
+    }
+}
+
+struct Env {
+    log: LogConfig,
+    topics: Topics,
+    registry: Arc<SchemaRegistry>,
+    producer: EventProducer,
+    history: Arc<MemoryHistory>,
+    addr: SocketAddr,
+    gw: Option<GatewayHandle>,
+    gateway_id: String,
+}
+
+fn log_config(test: &str) -> LogConfig {
+    let mut cfg = LogConfig::default();
+    if let Ok(b) = std::env::var("CHAT_LOG__BROKERS") {
+        cfg.brokers = b;
+    }
+    if let Ok(r) = std::env::var("CHAT_LOG__REGISTRY_URL") {
+        cfg.registry_url = r;
+    }
+    cfg.topic_prefix = format!("t.gw-{test}.{}.", &Uuid::new_v4().simple().to_string()[..8]);
+    cfg.chat_partitions = 3;
+    cfg
+}
+
+async fn env(test: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
+    chat_runtime::telemetry::init(chat_runtime::telemetry::LogFormat::Pretty);
+    let log = log_config(test);
+    let topics = Topics::new(&log);
+    chat_log::topics::ensure_topics(&log, &topics.specs())
+        .await
+        .unwrap();
+    let registry = Arc::new(SchemaRegistry::new(&log).unwrap());
+    for t in topics.envelope_topics() {
+        registry.register_envelope(&t).await.unwrap();
+    }
+    let producer = EventProducer::connect(&log, registry.clone())
+        .await
+        .unwrap();
+    let history = Arc::new(MemoryHistory::new());
+    let gateway_id = format!("gw-{test}-{}", &Uuid::new_v4().simple().to_string()[..6]);
+    let mut config = GatewayConfig {
+        gateway_id: gateway_id.clone(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log: log.clone(),
+        dev_login: true,
+        ..GatewayConfig::default()
+    };
+    config.auth.hs256_secret = Some(Secret::new(SECRET));
+    config.timeouts.session_routed_ms = 300;
+    config.timeouts.sync_progress_ms = 300;
+    config.allowed_origins = vec!["https://app.example".into()];
+    tweak(&mut config);
+    let (addr, gw) = Gateway::start_with_history(config, history.clone())
+        .await
+        .unwrap();
+    Env {
+        log,
+        topics,
+        registry,
+        producer,
+        history,
+        addr,
+        gw: Some(gw),
+        gateway_id,
+    }
+}
+
+impl Env {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    async fn login(&self, user: &str, device: &str) -> String {
+        let resp = reqwest::Client::new()
+            .post(self.url("/dev/login"))
+            .json(&json!({"user": user, "device": device}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let body: Value = resp.json().await.unwrap();
+        body["token"].as_str().unwrap().to_string()
+    }
+
+    async fn connect(&self, user: &str, device: &str) -> Ws {
+        let token = self.login(user, device).await;
+        self.connect_with(&format!("/ws?token={token}&device={device}"), None)
+            .await
+            .unwrap()
+    }
+
+    async fn connect_with(&self, path_and_query: &str, origin: Option<&str>) -> Result<Ws, String> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut req = hyper::Request::builder()
+            .method("GET")
+            .uri(format!("http://{}{path_and_query}", self.addr))
+            .header("Host", self.addr.to_string())
+            .header(hyper::header::UPGRADE, "websocket")
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(
+                "Sec-WebSocket-Key",
+                fastwebsockets::handshake::generate_key(),
+            )
+            .header("Sec-WebSocket-Version", "13");
+        if let Some(o) = origin {
+            req = req.header("Origin", o);
+        }
+        let req = req.body(Empty::<Bytes>::new()).unwrap();
+        let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, req, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(ws)
+    }
+
+    /// Plays the router/sequencer: writes `envelope` to the gateway's deliveries partition.
+    async fn deliver(&self, envelope: &Envelope, recipients: Option<&str>) {
+        let partition = deliveries_partition(&self.gateway_id, self.log.chat_partitions);
+        let mut headers: Vec<(&str, &[u8])> = Vec::new();
+        if let Some(r) = recipients {
+            headers.push((HEADER_RECIPIENTS, r.as_bytes()));
+        }
+        self.producer
+            .send_with(
+                &self.topics.deliveries,
+                Some(partition),
+                &self.gateway_id,
+                envelope,
+                &headers,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The next record of `topic` (all partitions, from the beginning) matching `pred`.
+    async fn find(
+        &self,
+        topic: &str,
+        mut pred: impl FnMut(&chat_log::ConsumedEvent) -> bool,
+    ) -> chat_log::ConsumedEvent {
+        let tail = TopicTail::open(
+            &self.log,
+            self.registry.clone(),
+            topic,
+            None,
+            TailStart::Beginning,
+        )
+        .await
+        .unwrap();
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let TailItem::Event(e) = tail.next().await.unwrap() {
+                    if pred(&e) {
+                        return *e;
+                    }
+                }
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no matching record in {topic}"))
+    }
+
+    async fn stop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.stop().await.unwrap();
+        }
+    }
+}
+
+fn envelope(chat: Option<Uuid>, seq: Option<u64>, sender: &str, body: Body) -> Envelope {
+    Envelope {
+        event_id: Uuid::new_v4(),
+        chat_id: chat,
+        seq,
+        sender_user: sender.into(),
+        sender_device: "d0".into(),
+        client_msg_id: seq.map(|s| format!("m{s}")),
+        client_ts: None,
+        server_ts: 1_000,
+        sequenced_ts: seq.map(|s| 1_000 + s as i64),
+        trace_id: Uuid::new_v4().simple().to_string(),
+        body,
+    }
+}
+
+fn text(t: &str) -> Body {
+    Body::MessageSent(MessageSent {
+        kind: MessageKind::Text,
+        text: Some(t.into()),
+        media: None,
+        reply_to_seq: None,
+    })
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.write_frame(Frame::text(Payload::Owned(v.to_string().into_bytes())))
+        .await
+        .unwrap();
+}
+
+/// The next text frame as JSON (pongs skipped); panics on close or timeout.
+async fn recv(ws: &mut Ws) -> Value {
+    let frame = tokio::time::timeout(WAIT, async {
+        loop {
+            let f = ws.read_frame().await.unwrap();
+            match f.opcode {
+                OpCode::Text => return serde_json::from_slice::<Value>(&f.payload).unwrap(),
+                OpCode::Close => panic!("closed: {:?}", close_code(&f.payload)),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    frame.expect("a frame in time")
+}
+
+/// Reads until the close frame; returns its code.
+async fn closed(ws: &mut Ws) -> Option<u16> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.read_frame().await {
+                Ok(f) if f.opcode == OpCode::Close => return close_code(&f.payload),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .expect("closed in time")
+}
+
+fn close_code(payload: &[u8]) -> Option<u16> {
+    (payload.len() >= 2).then(|| u16::from_be_bytes([payload[0], payload[1]]))
+}
+
+async fn hello(ws: &mut Ws) -> Value {
+    let h = recv(ws).await;
+    assert_eq!(h["type"], "hello", "{h}");
+    h
+}
+
+#[tokio::test]
+async fn upgrades_without_a_valid_token_get_401_json() {
+    let mut e = env("auth", |_| {}).await;
+    let http = reqwest::Client::new();
+    let get = |q: &str| http.get(e.url(&format!("/ws{q}"))).send();
+
+    let r = get("?device=d1").await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "missing_token");
+
+    let r = get("?token=not.a.jwt&device=d1").await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_token");
+
+    // alg=none, signed by nobody.
+    use base64::Engine;
+    let b64 = |v: Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let exp = jsonwebtoken::get_current_timestamp() + 600;
+    let none = format!(
+        "{}.{}.",
+        b64(json!({"alg":"none"})),
+        b64(json!({"sub":"alice","exp":exp}))
+    );
+    let r = get(&format!("?token={none}&device=d1")).await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Expired and wrongly signed tokens.
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let expired =
+        jsonwebtoken::encode(&header, &json!({"sub":"alice","exp": exp - 7200}), &key).unwrap();
+    let r = get(&format!("?token={expired}&device=d1")).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "token_expired");
+    let other = jsonwebtoken::EncodingKey::from_secret(b"some-other-secret-0123456789");
+    let forged = jsonwebtoken::encode(&header, &json!({"sub":"alice","exp": exp}), &other).unwrap();
+    let r = get(&format!("?token={forged}&device=d1")).await.unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A valid token in the Authorization header, but no device: 400.
+    let token = e.login("alice", "d1").await;
+    let no_device =
+        jsonwebtoken::encode(&header, &json!({"sub":"alice","exp": exp}), &key).unwrap();
+    let r = http
+        .get(e.url("/ws"))
+        .bearer_auth(&no_device)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_device");
+    // Valid, but not a WebSocket request: 426.
+    let r = get(&format!("?token={token}")).await.unwrap();
+    assert_eq!(r.status(), 426);
+
+    // Origins: a listed one upgrades, another is refused with 403.
+    let path = format!("/ws?token={token}");
+    let mut ws = e
+        .connect_with(&path, Some("https://app.example"))
+        .await
+        .unwrap();
+    hello(&mut ws).await;
+    let err = e
+        .connect_with(&path, Some("https://evil.example"))
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        err.contains("403") || err.to_lowercase().contains("status"),
+        "{err}"
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn dev_login_round_trip_hello_and_malformed_frames() {
+    let mut e = env("hello", |c| c.limits.max_bad_frames = 4).await;
+    let mut ws = e.connect("alice", "phone-1").await;
+    let h = hello(&mut ws).await;
+    assert_eq!(h["v"], 1);
+    assert_eq!(h["user"], "alice");
+    assert_eq!(h["device"], "phone-1");
+    assert_eq!(h["gateway"], e.gateway_id.as_str());
+    assert!(Uuid::parse_str(h["session"].as_str().unwrap()).is_ok());
+    assert_eq!(h["limits"]["max_frame_bytes"], 65536);
+
+    // SessionOpened went to chat.sessions, keyed by user.
+    let session = Uuid::parse_str(h["session"].as_str().unwrap()).unwrap();
+    let opened = e
+        .find(
+            &e.topics.sessions.clone(),
+            |r| matches!(&r.envelope.body, Body::SessionOpened(o) if o.session_id == session),
+        )
+        .await;
+    assert_eq!(opened.key.as_deref(), Some(&b"alice"[..]));
+
+    send(&mut ws, json!({"type":"ping","id":1})).await;
+    let pong = recv(&mut ws).await;
+    assert_eq!(
+        (pong["type"].as_str(), pong["id"].as_i64()),
+        (Some("pong"), Some(1))
+    );
+
+    ws.write_frame(Frame::text(Payload::Owned(b"{not json".to_vec())))
+        .await
+        .unwrap();
+    let err = recv(&mut ws).await;
+    assert_eq!(
+        (err["type"].as_str(), err["code"].as_str()),
+        (Some("error"), Some("bad_frame"))
+    );
+    send(&mut ws, json!({"type":"teleport","id":"x"})).await;
+    let err = recv(&mut ws).await;
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("unknown_type"), Some("x"))
+    );
+    send(&mut ws, json!({"type":"send","id":"s","chat":"nope"})).await;
+    assert_eq!(recv(&mut ws).await["code"], "invalid");
+    // The connection survives: a good frame resets the count.
+    send(&mut ws, json!({"type":"heartbeat","id":2})).await;
+    assert_eq!(recv(&mut ws).await["type"], "pong");
+
+    // Four bad frames in a row: 4009.
+    for _ in 0..4 {
+        send(&mut ws, json!({"type":"nope"})).await;
+    }
+    for _ in 0..4 {
+        let f = tokio::time::timeout(WAIT, ws.read_frame())
+            .await
+            .unwrap()
+            .unwrap();
+        if f.opcode == OpCode::Close {
+            assert_eq!(close_code(&f.payload), Some(4009));
+            break;
+        }
+    }
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_invalid_utf8_and_fragment_floods_close_the_connection() {
+    let mut e = env("limits", |_| {}).await;
+    let mut ws = e.connect("alice", "d1").await;
+    hello(&mut ws).await;
+    let big = vec![b'a'; 64 * 1024 + 1];
+    ws.write_frame(Frame::text(Payload::Owned(big)))
+        .await
+        .unwrap();
+    assert_eq!(closed(&mut ws).await, Some(1009));
+
+    let mut ws = e.connect("alice", "d2").await;
+    hello(&mut ws).await;
+    ws.write_frame(Frame::text(Payload::Owned(vec![0xff, 0xfe, 0x22])))
+        .await
+        .unwrap();
+    assert_eq!(closed(&mut ws).await, Some(1007));
+
+    // Fragments each under the limit, together over it.
+    let mut ws = e.connect("alice", "d3").await;
+    hello(&mut ws).await;
+    ws.write_frame(Frame::new(
+        false,
+        OpCode::Text,
+        None,
+        Payload::Owned(vec![b' '; 20_000]),
+    ))
+    .await
+    .unwrap();
+    for _ in 0..4 {
+        let f = Frame::new(
+            false,
+            OpCode::Continuation,
+            None,
+            Payload::Owned(vec![b' '; 20_000]),
+        );
+        if ws.write_frame(f).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(closed(&mut ws).await, Some(1009));
+
+    // A message exactly at the limit is fine (a bad frame, answered).
+    let mut ws = e.connect("alice", "d4").await;
+    hello(&mut ws).await;
+    let mut at_limit = vec![b' '; 64 * 1024];
+    at_limit[0] = b'x';
+    ws.write_frame(Frame::text(Payload::Owned(at_limit)))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut ws).await["code"], "bad_frame");
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn commands_are_produced_and_answered_from_the_deliveries_partition() {
+    let mut e = env("cmd", |c| c.timeouts.ack_ms = 5_000).await;
+    let mut ws = e.connect("alice", "d1").await;
+    hello(&mut ws).await;
+    let chat = Uuid::new_v4();
+    send(
+        &mut ws,
+        json!({"type":"send","id":"a1","chat":chat,"client_msg_id":"c-1","text":"hello"}),
+    )
+    .await;
+
+    let cmd = e
+        .find(&e.topics.commands.clone(), |r| {
+            r.envelope.client_msg_id.as_deref() == Some("c-1")
+        })
+        .await;
+    assert_eq!(cmd.key.as_deref(), Some(chat.to_string().as_bytes()));
+    assert_eq!(
+        cmd.header(HEADER_GATEWAY_ID).as_deref(),
+        Some(e.gateway_id.as_str())
+    );
+    let env_ = &cmd.envelope;
+    assert_eq!((env_.seq, env_.chat_id), (None, Some(chat)));
+    assert_eq!(
+        (env_.sender_user.as_str(), env_.sender_device.as_str()),
+        ("alice", "d1")
+    );
+    assert!(matches!(&env_.body, Body::MessageSent(m) if m.text.as_deref() == Some("hello")));
+
+    // The sequencer's answer goes to this gateway's partition.
+    let result = |outcome, seq, code: Option<&str>| {
+        envelope(
+            Some(chat),
+            None,
+            "sequencer",
+            Body::CommandResult(CommandResult {
+                command_event_id: env_.event_id,
+                outcome,
+                seq,
+                code: code.map(str::to_string),
+                reason: code.map(|_| "you are not in this chat".to_string()),
+            }),
+        )
+    };
+    e.deliver(&result(CommandOutcome::Accepted, Some(1), None), None)
+        .await;
+    let ack = recv(&mut ws).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(
+        (ack["id"].as_str(), ack["seq"].as_u64()),
+        (Some("a1"), Some(1))
+    );
+    assert_eq!(ack["client_msg_id"], "c-1");
+    assert_eq!(ack["chat"], chat.to_string());
+
+    // A rejection: error with the sequencer's code.
+    send(
+        &mut ws,
+        json!({"type":"send","id":"a2","chat":chat,"client_msg_id":"c-2","text":"again"}),
+    )
+    .await;
+    let cmd2 = e
+        .find(&e.topics.commands.clone(), |r| {
+            r.envelope.client_msg_id.as_deref() == Some("c-2")
+        })
+        .await;
+    let mut rejected = result(CommandOutcome::Rejected, None, Some("not_member"));
+    if let Body::CommandResult(r) = &mut rejected.body {
+        r.command_event_id = cmd2.envelope.event_id;
+    }
+    e.deliver(&rejected, None).await;
+    let err = recv(&mut ws).await;
+    assert_eq!(
+        (
+            err["type"].as_str(),
+            err["code"].as_str(),
+            err["id"].as_str()
+        ),
+        (Some("error"), Some("not_member"), Some("a2"))
+    );
+
+    // No answer at all: unavailable after ack_ms.
+    send(
+        &mut ws,
+        json!({"type":"send","id":"a3","chat":chat,"client_msg_id":"c-3","text":"lost"}),
+    )
+    .await;
+    let err = recv(&mut ws).await;
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_str()),
+        (Some("unavailable"), Some("a3"))
+    );
+
+    // A direct chat's id is derived from the pair.
+    send(
+        &mut ws,
+        json!({"type":"create_chat","id":"d","kind":"direct","members":["bob"]}),
+    )
+    .await;
+    let direct = chat_schemas::direct_chat_id("alice", "bob");
+    let created = e
+        .find(&e.topics.commands.clone(), |r| {
+            matches!(r.envelope.body, Body::ChatCreated(_))
+        })
+        .await;
+    assert_eq!(created.envelope.chat_id, Some(direct));
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn sync_then_live_without_gap_or_duplicate() {
+    let mut e = env("sync", |c| {
+        c.timeouts.session_routed_ms = 10_000;
+        c.timeouts.sync_progress_ms = 10_000;
+    })
+    .await;
+    let chat = Uuid::new_v4();
+    e.history.join("alice", chat, 1, 1_000);
+    for seq in 1..=5 {
+        e.history
+            .put(text_row(chat, seq, "bob", &format!("m{seq}")));
+    }
+    let mut ws = e.connect("alice", "d1").await;
+    let h = hello(&mut ws).await;
+    let session = Uuid::parse_str(h["session"].as_str().unwrap()).unwrap();
+
+    // Live events routed before the sync answer: 5 (also in history), 6, and
+    // 8 (7 is only in history: the gap is filled from there).
+    for seq in [5, 6, 8] {
+        e.deliver(
+            &envelope(Some(chat), Some(seq), "bob", text(&format!("m{seq}"))),
+            Some("alice"),
+        )
+        .await;
+    }
+    e.history.put(text_row(chat, 6, "bob", "m6"));
+    e.history.put(text_row(chat, 7, "bob", "m7"));
+    send(&mut ws, json!({"type":"sync","id":"s","since":null})).await;
+    // The router's answer to SessionOpened, after the projector got there.
+    e.history.set_progress("history", 0, 4);
+    e.deliver(
+        &envelope(
+            None,
+            None,
+            "router",
+            Body::SessionRouted(SessionRouted {
+                session_id: session,
+                router_offsets: vec![4, 0, 0],
+            }),
+        ),
+        None,
+    )
+    .await;
+
+    let mut seqs = Vec::new();
+    loop {
+        let f = recv(&mut ws).await;
+        match f["type"].as_str() {
+            Some("event") => {
+                assert_eq!(f["chat"], chat.to_string());
+                assert_eq!(f["kind"], "MessageSent");
+                seqs.push(f["seq"].as_u64().unwrap());
+            }
+            Some("synced") => {
+                assert_eq!(f["id"], "s");
+                assert!(f["checkpoint"].as_i64().unwrap() > 0);
+            }
+            other => panic!("unexpected {other:?}: {f}"),
+        }
+        if seqs.last() == Some(&8) {
+            break;
+        }
+    }
+    // Sync read 1..=7 or 1..=5 (depending on timing), then live 6 (unless
+    // synced), 7 from history, 8 live: every seq once, in order.
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+
+    // History paging.
+    send(
+        &mut ws,
+        json!({"type":"history","id":"h","chat":chat,"before":4,"limit":2}),
+    )
+    .await;
+    let page = recv(&mut ws).await;
+    assert_eq!(page["type"], "history");
+    let got: Vec<u64> = page["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, [2, 3]);
+    assert_eq!(page["has_more"], true);
+    send(
+        &mut ws,
+        json!({"type":"history","id":"h2","chat":Uuid::new_v4()}),
+    )
+    .await;
+    assert_eq!(recv(&mut ws).await["code"], "unknown_chat");
+    send(&mut ws, json!({"type":"chats","id":"c"})).await;
+    let chats = recv(&mut ws).await;
+    assert_eq!(chats["chats"][0]["chat"], chat.to_string());
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_clients_to_reconnect_and_closes_sessions() {
+    let mut e = env("drain", |c| c.shutdown_grace_ms = 5_000).await;
+    let mut ws = e.connect("alice", "d1").await;
+    let h = hello(&mut ws).await;
+    let session = Uuid::parse_str(h["session"].as_str().unwrap()).unwrap();
+    let started = std::time::Instant::now();
+    let gw = e.gw.take().unwrap();
+    let stopping = tokio::spawn(gw.stop());
+    assert_eq!(
+        recv(&mut ws).await,
+        json!({"type":"reconnect","reason":"draining"})
+    );
+    assert_eq!(closed(&mut ws).await, Some(1001));
+    stopping.await.unwrap().unwrap();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let closed = e
+        .find(
+            &e.topics.sessions.clone(),
+            |r| matches!(&r.envelope.body, Body::SessionClosed(c) if c.session_id == session),
+        )
+        .await;
+    assert!(
+        matches!(&closed.envelope.body, Body::SessionClosed(c) if c.reason.starts_with("shutdown"))
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_does_not_keep_up_is_closed_alone() {
+    let mut e = env("slow", |c| c.limits.outbound_queue = 16).await;
+    let chat = Uuid::new_v4();
+    let mut slow = e.connect("alice", "d1").await;
+    let h = hello(&mut slow).await;
+    let session = Uuid::parse_str(h["session"].as_str().unwrap()).unwrap();
+    let mut other = e.connect("bob", "d1").await;
+    hello(&mut other).await;
+    send(&mut other, json!({"type":"sync","since":null})).await;
+    assert_eq!(recv(&mut other).await["type"], "synced");
+    // alice never syncs (nor reads): her held events overflow the queue.
+    for seq in 1..=40 {
+        e.deliver(
+            &envelope(Some(chat), Some(seq), "carol", text("x")),
+            Some("alice,bob"),
+        )
+        .await;
+    }
+    assert_eq!(closed(&mut slow).await, Some(4008));
+    let mut got = 0;
+    while got < 40 {
+        let f = recv(&mut other).await;
+        assert_eq!(f["type"], "event");
+        got += 1;
+    }
+    let closed = e
+        .find(
+            &e.topics.sessions.clone(),
+            |r| matches!(&r.envelope.body, Body::SessionClosed(c) if c.session_id == session),
+        )
+        .await;
+    assert!(
+        matches!(&closed.envelope.body, Body::SessionClosed(c) if c.reason.starts_with("slow_consumer"))
+    );
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_idle_and_token_expiry() {
+    let mut e = env("rate", |c| {
+        c.limits.send_burst = 2.0;
+        c.limits.send_rate_per_s = 0.1;
+        c.timeouts.idle_ms = 1_500;
+        c.auth.leeway_s = 0;
+    })
+    .await;
+    let mut a = e.connect("alice", "d1").await;
+    hello(&mut a).await;
+    let chat = Uuid::new_v4();
+    for i in 0..3 {
+        send(
+            &mut a,
+            json!({"type":"send","id":i,"chat":chat,"client_msg_id":format!("c{i}"),"text":"x"}),
+        )
+        .await;
+    }
+    let err = recv(&mut a).await;
+    assert_eq!(
+        (err["code"].as_str(), err["id"].as_i64()),
+        (Some("rate_limited"), Some(2))
+    );
+    // The bucket is per user: a second connection of alice is limited too.
+    let mut a2 = e.connect("alice", "d2").await;
+    hello(&mut a2).await;
+    send(
+        &mut a2,
+        json!({"type":"send","id":"x","chat":chat,"client_msg_id":"c9","text":"x"}),
+    )
+    .await;
+    assert_eq!(recv(&mut a2).await["code"], "rate_limited");
+    // Silence closes with 4002.
+    assert_eq!(closed(&mut a2).await, Some(4002));
+
+    // A token that expires while connected: 4001.
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let exp = jsonwebtoken::get_current_timestamp() + 1;
+    let token = jsonwebtoken::encode(
+        &header,
+        &json!({"sub":"dave","exp":exp,"device":"d1"}),
+        &key,
+    )
+    .unwrap();
+    let mut d = e
+        .connect_with(&format!("/ws?token={token}"), None)
+        .await
+        .unwrap();
+    hello(&mut d).await;
+    assert_eq!(closed(&mut d).await, Some(4001));
+    e.stop().await;
+}
+
+#[tokio::test]
+async fn a_handshake_that_never_completes_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut e = env("slowloris", |c| c.timeouts.header_read_ms = 500).await;
+    let mut tcp = tokio::net::TcpStream::connect(e.addr).await.unwrap();
+    tcp.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the server hung up");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    e.stop().await;
+}
+
+/// The production history path: the gateway reading the real Cassandra
+/// store (`Gateway::start`), in a fresh keyspace.
+#[tokio::test]
+async fn sync_and_history_from_the_real_store() {
+    use chat_projectors::store::{self, ChatRow, StoreConfig};
+    let mut store_cfg = StoreConfig {
+        keyspace: format!("t_gw_{}", Uuid::new_v4().simple()),
+        ..StoreConfig::default()
+    };
+    if let Ok(nodes) = std::env::var("CHAT_STORE__NODES") {
+        store_cfg.nodes = nodes.split(',').map(|n| n.trim().to_string()).collect();
+    }
+    let st = store::connect(&store_cfg).await.unwrap();
+    st.migrate(&store_cfg.replication).await.unwrap();
+    let chat = Uuid::new_v4();
+    let row = ChatRow {
+        chat_id: chat,
+        kind: "group".into(),
+        title: Some("team".into()),
+        created_by: "bob".into(),
+        created_at_ms: 1_700_000_000_000,
+        max_members: 10,
+        last_seq: 0,
+    };
+    st.put_chat(&row, 1).await.unwrap();
+    st.put_member(chat, "alice", "member", 1, false)
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        st.put_message(&text_row(chat, seq, "bob", &format!("m{seq}")))
+            .await
+            .unwrap();
+    }
+    st.mark_changed("alice", chat, 1_700_000_000_000)
+        .await
+        .unwrap();
+
+    chat_runtime::telemetry::init(chat_runtime::telemetry::LogFormat::Pretty);
+    let log = log_config("store");
+    let topics = Topics::new(&log);
+    chat_log::topics::ensure_topics(&log, &topics.specs())
+        .await
+        .unwrap();
+    let registry = Arc::new(SchemaRegistry::new(&log).unwrap());
+    for t in topics.envelope_topics() {
+        registry.register_envelope(&t).await.unwrap();
+    }
+    let mut config = GatewayConfig {
+        gateway_id: format!("gw-store-{}", &Uuid::new_v4().simple().to_string()[..6]),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        log,
+        store: store_cfg,
+        dev_login: true,
+        ..GatewayConfig::default()
+    };
+    config.timeouts.session_routed_ms = 200;
+    let (addr, gw) = Gateway::start(config).await.unwrap();
+    let e = Env {
+        producer: EventProducer::connect(&log_config("unused"), registry.clone())
+            .await
+            .unwrap(),
+        log: LogConfig::default(),
+        topics,
+        registry,
+        history: Arc::new(MemoryHistory::new()),
+        addr,
+        gw: Some(gw),
+        gateway_id: String::new(),
+    };
+    let mut ws = e.connect("alice", "d1").await;
+    hello(&mut ws).await;
+    send(
+        &mut ws,
+        json!({"type":"sync","id":1,"since":1_699_999_000_000_i64}),
+    )
+    .await;
+    let mut seqs = Vec::new();
+    loop {
+        let f = recv(&mut ws).await;
+        if f["type"] == "synced" {
+            break;
+        }
+        assert_eq!(f["type"], "event", "{f}");
+        assert_eq!(f["body"]["text"], format!("m{}", f["seq"]));
+        seqs.push(f["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, [1, 2, 3]);
+    send(
+        &mut ws,
+        json!({"type":"history","id":2,"chat":chat,"before":3,"limit":1}),
+    )
+    .await;
+    let page = recv(&mut ws).await;
+    assert_eq!(page["events"][0]["seq"], 2);
+    assert_eq!(page["has_more"], true);
+    send(&mut ws, json!({"type":"chats","id":3})).await;
+    let chats = recv(&mut ws).await;
+    assert_eq!(chats["chats"][0]["title"], "team");
+    assert_eq!(chats["chats"][0]["last_seq"], 3);
+    let mut e = e;
+    e.stop().await;
+    st.drop_keyspace().await.unwrap();
+}

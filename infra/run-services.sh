@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# `make run`: runs the platform's services against the local stack (which
+# `make infra-up` started): the sequencer, the delivery router and the
+# history projector in the background, and one gateway in the foreground
+# with the development login on. Ctrl-C stops them all; their logs are in
+# .run/services/.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+RUN=${CHAT_RUN_DIR:-$REPO/.run}
+BIN=${CHAT_BIN_DIR:-$REPO/target/debug}
+LOGS="$RUN/services"
+mkdir -p "$LOGS"
+
+pids=()
+stop() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop EXIT INT TERM
+
+for svc in chat-sequencer chat-router chat-history; do
+  "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
+  pids+=($!)
+  echo "started $svc (pid $!), log: $LOGS/$svc.log"
+done
+
+PORT=${CHAT_GATEWAY_PORT:-8080}
+export CHAT_LISTEN=${CHAT_LISTEN:-127.0.0.1:$PORT}
+export CHAT_DEV_LOGIN=${CHAT_DEV_LOGIN:-true}
+# A development secret: set CHAT_AUTH__HS256_SECRET (or a JWKS) in production.
+export CHAT_AUTH__HS256_SECRET=${CHAT_AUTH__HS256_SECRET:-dev-secret-change-me}
+export CHAT_ALLOWED_ORIGINS=${CHAT_ALLOWED_ORIGINS:-[\"http://$CHAT_LISTEN\",\"http://localhost:$PORT\"]}
+echo
+echo "Open http://$CHAT_LISTEN/ in a browser (dev login: any name)."
+echo "WebSocket: ws://$CHAT_LISTEN/ws   health: http://$CHAT_LISTEN/health   metrics: /metrics"
+echo "Ctrl-C stops the services; 'make infra-down' stops Kafka, Cassandra and the registry."
+echo
+"$BIN/chat-gateway" &
+pids+=($!)
+wait "${pids[-1]}"
