@@ -277,7 +277,12 @@ impl Platform {
             Some(Incoming::Json(v)) if v["type"] == "hello" => {}
             other => anyhow::bail!("expected hello, got {other:?}"),
         }
-        Ok(Client { rx, tx, next_id: 0 })
+        Ok(Client {
+            rx,
+            tx,
+            next_id: 0,
+            pending: Default::default(),
+        })
     }
 
     /// Stops every process and drops the keyspace.
@@ -310,6 +315,9 @@ pub struct Client {
     pub rx: WsReader,
     pub tx: WsWriter,
     next_id: u64,
+    /// Frames that arrived while [`request`](Self::request) waited for its
+    /// answer, handed out first by [`next`](Self::next).
+    pending: std::collections::VecDeque<serde_json::Value>,
 }
 
 impl Client {
@@ -323,9 +331,23 @@ impl Client {
         let id = format!("r{}", self.next_id);
         frame["id"] = serde_json::json!(id);
         self.tx.send(&frame).await?;
-        self.rx
-            .recv_until(Duration::from_secs(30), |v| v["id"] == id.as_str())
-            .await?
-            .with_context(|| format!("no answer to {frame}"))
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.rx.recv(left).await? {
+                Some(Incoming::Json(v)) if v["id"] == id.as_str() => return Ok(v),
+                Some(Incoming::Json(v)) => self.pending.push_back(v),
+                Some(Incoming::Closed(code, reason)) => anyhow::bail!("closed {code}: {reason}"),
+                None => anyhow::bail!("no answer to {frame}"),
+            }
+        }
+    }
+
+    /// The next frame: first those set aside by `request`, then the socket.
+    pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<Incoming>> {
+        match self.pending.pop_front() {
+            Some(v) => Ok(Some(Incoming::Json(v))),
+            None => self.rx.recv(timeout).await,
+        }
     }
 }

@@ -25,7 +25,7 @@ async fn sync(c: &mut Client, since: Value, chats: Value) -> (Vec<Value>, i64) {
         .unwrap();
     let mut events = Vec::new();
     loop {
-        match c.rx.recv(WAIT).await.unwrap() {
+        match c.next(WAIT).await.unwrap() {
             Some(Incoming::Json(v)) if v["type"] == "event" => events.push(v),
             Some(Incoming::Json(v)) if v["type"] == "synced" => {
                 return (events, v["checkpoint"].as_i64().unwrap())
@@ -61,7 +61,7 @@ async fn events_until(c: &mut Client, chat: &str, until: u64) -> Vec<Value> {
         .unwrap_or(0)
         < until
     {
-        match c.rx.recv(WAIT).await.unwrap() {
+        match c.next(WAIT).await.unwrap() {
             Some(Incoming::Json(v)) if v["type"] == "event" && v["chat"] == chat => out.push(v),
             Some(Incoming::Json(_)) => {}
             other => panic!(
