@@ -315,6 +315,17 @@ impl PartitionedConsumer {
         Ok(())
     }
 
+    /// Queues a commit of `next_offset` for `partition` without waiting for
+    /// the coordinator (for at-least-once callers on the hot path: a crash
+    /// re-reads at most the last few batches).
+    pub fn commit_offset_async(&self, partition: i32, next_offset: i64) -> Result<(), LogError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, partition, Offset::Offset(next_offset))?;
+        self.consumer
+            .commit(&tpl, rdkafka::consumer::CommitMode::Async)
+            .map_err(LogError::Kafka)
+    }
+
     /// Commits `next_offset` for `partition` (for callers without transactions).
     pub async fn commit_offset(&self, partition: i32, next_offset: i64) -> Result<(), LogError> {
         let mut tpl = TopicPartitionList::new();
@@ -389,6 +400,12 @@ impl TxnProducer {
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
             .set("transaction.timeout.ms", "60000")
+            // A transaction begun right after the previous commit is refused
+            // with CONCURRENT_TRANSACTIONS until the broker wrote the markers
+            // (a few ms); with the default 100 ms backoff every batch would
+            // wait 100 ms. Measured: batch commit p50 106 ms -> see README.
+            .set("retry.backoff.ms", "2")
+            .set("retry.backoff.max.ms", "50")
             .create()?;
         let p = inner.clone();
         // init_transactions blocks until the coordinator fenced the older producer.
@@ -476,6 +493,23 @@ impl TxnProducer {
                     }
                 }
             }
+            // Wait for every record's acknowledgement before committing:
+            // rust-rdkafka's commit flushes first, and a flush that finds
+            // records in flight polls for up to 100 ms (measured: every
+            // batch took ~105 ms before this; now a few ms).
+            for d in deliveries.drain(..) {
+                match futures::executor::block_on(d) {
+                    Ok(Ok(_)) => {}
+                    Ok(Err((e, _))) => {
+                        let _ = p.abort_transaction(TXN_TIMEOUT);
+                        return Err(e.to_string());
+                    }
+                    Err(_) => {
+                        let _ = p.abort_transaction(TXN_TIMEOUT);
+                        return Err("producer dropped a delivery".into());
+                    }
+                }
+            }
             let commit = p
                 .send_offsets_to_transaction(&tpl, &group, TXN_TIMEOUT)
                 .and_then(|_| p.commit_transaction(TXN_TIMEOUT));
@@ -483,7 +517,6 @@ impl TxnProducer {
                 let _ = p.abort_transaction(TXN_TIMEOUT);
                 return Err(e.to_string());
             }
-            drop(deliveries);
             Ok(())
         })
         .await

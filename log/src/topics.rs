@@ -107,6 +107,10 @@ pub(crate) fn base_client_config(config: &LogConfig) -> ClientConfig {
     c.set("bootstrap.servers", &config.brokers)
         .set("socket.connection.setup.timeout.ms", "5000")
         .set("log_level", "3");
+    // librdkafka's own debug contexts (e.g. `eos,protocol`), for diagnosis.
+    if let Ok(contexts) = std::env::var("CHAT_RDKAFKA_DEBUG") {
+        c.set("debug", contexts).set("log_level", "7");
+    }
     c
 }
 

@@ -77,6 +77,11 @@ pub fn direct_chat_id(a: &str, b: &str) -> uuid::Uuid {
     uuid::Uuid::new_v5(&DIRECT_CHAT_NAMESPACE, name.as_bytes())
 }
 
+/// `SessionRouted.router_offsets` value for a partition the answering router
+/// does not route (not assigned to it, or nothing routed yet): the largest
+/// Avro `long`, so it survives the wire unchanged.
+pub const UNROUTED_PARTITION: u64 = i64::MAX as u64;
+
 #[cfg(test)]
 mod direct_tests {
     #[test]

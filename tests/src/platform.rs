@@ -51,6 +51,30 @@ pub struct Platform {
     pub store: StoreConfig,
     procs: Vec<Proc>,
     logs: PathBuf,
+    options: Options,
+}
+
+/// How to start a platform.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub gateways: usize,
+    /// Instances of each worker (sequencer, router, history projector).
+    pub workers: usize,
+    /// `debug` (tests) or `release` (benchmarks).
+    pub profile: &'static str,
+    /// Extra environment for the gateways (e.g. `CHAT_LIMITS__MAX_CONNECTIONS`).
+    pub gateway_env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            gateways: 2,
+            workers: 2,
+            profile: "debug",
+            gateway_env: Vec::new(),
+        }
+    }
 }
 
 fn free_port() -> anyhow::Result<SocketAddr> {
@@ -65,14 +89,18 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|_| repo_root().join("target"))
 }
 
-/// Path of a workspace binary, built (debug) if it is missing.
-pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = target_dir().join("debug").join(name);
+/// Path of a workspace binary of `profile`, built if it is missing.
+pub fn binary(name: &str, profile: &str) -> anyhow::Result<PathBuf> {
+    let path = target_dir().join(profile).join(name);
     if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .current_dir(repo_root())
-            .args(["build", "--bins", "--workspace"])
-            .status()?;
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(repo_root())
+            .args(["build", "--bins", "--workspace"]);
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status()?;
         anyhow::ensure!(status.success(), "cargo build --bins failed");
     }
     anyhow::ensure!(path.exists(), "{} not built", path.display());
@@ -82,6 +110,20 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 impl Platform {
     /// Starts `gateways` gateways and `workers` instances of every worker.
     pub async fn start(test: &str, gateways: usize, workers: usize) -> anyhow::Result<Self> {
+        Self::start_with(
+            test,
+            Options {
+                gateways,
+                workers,
+                ..Options::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts the platform as `options` say.
+    pub async fn start_with(test: &str, options: Options) -> anyhow::Result<Self> {
+        let (gateways, workers) = (options.gateways, options.workers);
         let log = TestLog::start(test).await?;
         let mut store = StoreConfig::default();
         if let Ok(n) = std::env::var("CHAT_STORE__NODES") {
@@ -99,6 +141,7 @@ impl Platform {
             store,
             procs: Vec::new(),
             logs,
+            options,
         };
         for i in 0..workers {
             for role in [Role::Sequencer, Role::Router, Role::History] {
@@ -151,6 +194,7 @@ impl Platform {
                 env.push(("CHAT_AUTH__HS256_SECRET".into(), TEST_SECRET.into()));
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
                 env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+                env.extend(self.options.gateway_env.iter().cloned());
             }
         }
         self.procs.push(Proc {
@@ -169,7 +213,7 @@ impl Platform {
             .create(true)
             .append(true)
             .open(self.logs.join(format!("{}.log", p.name)))?;
-        let mut cmd = Command::new(binary(p.role.bin())?);
+        let mut cmd = Command::new(binary(p.role.bin(), self.options.profile)?);
         cmd.envs(p.env.iter().cloned())
             .env(
                 "RUST_LOG",
@@ -241,6 +285,15 @@ impl Platform {
         let idx = self.index(role, i);
         self.spawn(idx)?;
         self.wait_healthy(idx).await
+    }
+
+    /// Process ids of the running processes of `role`.
+    pub fn pids(&self, role: Role) -> Vec<u32> {
+        self.procs
+            .iter()
+            .filter(|p| p.role == role)
+            .filter_map(|p| p.child.as_ref().map(Child::id))
+            .collect()
     }
 
     /// The address clients connect to on gateway `i`.

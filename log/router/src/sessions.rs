@@ -1,6 +1,7 @@
 //! The session registry as the router sees it, and the positions up to which
 //! it has routed each `chat.events` partition.
 
+use chat_schemas::UNROUTED_PARTITION;
 use std::collections::HashMap;
 use uuid::Uuid;
 
@@ -64,11 +65,15 @@ impl Sessions {
         self.positions.remove(&partition);
     }
 
-    /// `router_offsets` for SessionRouted: u64::MAX where this instance does
-    /// not know the partition (not owned, or nothing routed yet).
+    /// `router_offsets` for SessionRouted: [`UNROUTED_PARTITION`] where this
+    /// instance does not know the partition (not owned, or nothing routed yet).
     pub(crate) fn offsets(&self, partitions: i32) -> Vec<u64> {
         (0..partitions)
-            .map(|p| self.positions.get(&p).map_or(u64::MAX, |o| *o as u64))
+            .map(|p| {
+                self.positions
+                    .get(&p)
+                    .map_or(UNROUTED_PARTITION, |o| *o as u64)
+            })
             .collect()
     }
 
@@ -107,8 +112,11 @@ mod tests {
     fn unknown_partitions_are_marked() {
         let mut s = Sessions::default();
         s.routed(1, 42);
-        assert_eq!(s.offsets(3), vec![u64::MAX, 42, u64::MAX]);
+        assert_eq!(
+            s.offsets(3),
+            vec![UNROUTED_PARTITION, 42, UNROUTED_PARTITION]
+        );
         s.forget_partition(1);
-        assert_eq!(s.offsets(2), vec![u64::MAX, u64::MAX]);
+        assert_eq!(s.offsets(2), vec![UNROUTED_PARTITION, UNROUTED_PARTITION]);
     }
 }

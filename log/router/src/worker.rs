@@ -168,7 +168,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         match sent {
             Ok(_) => {
                 metrics.deliveries.inc_by(n);
-                consumer.commit_offset(p, batch.next_offset()).await?;
+                consumer.commit_offset_async(p, batch.next_offset())?;
             }
             Err(e) => {
                 tracing::warn!(partition = p, error = %e, "routing failed; retrying the batch");

@@ -10,6 +10,7 @@ use chat_runtime::{Health, Shutdown};
 use chat_schemas::{Body, CommandResult, Envelope};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -58,11 +59,23 @@ impl Default for SequencerConfig {
 }
 
 /// Counters of the sequencer, by outcome and code.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct Metrics {
     commands: Family<Vec<(String, String)>, Counter>,
     rebuilds: Counter,
     aborted: Counter,
+    commit_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            commands: Family::default(),
+            rebuilds: Counter::default(),
+            aborted: Counter::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+        }
+    }
 }
 
 impl Metrics {
@@ -76,6 +89,11 @@ impl Metrics {
             "rebuilds",
             "Partition states rebuilt from chat.events",
             self.rebuilds.clone(),
+        );
+        r.register(
+            "batch_commit_seconds",
+            "Time to append a batch and commit its transaction",
+            self.commit_seconds.clone(),
         );
         r.register(
             "aborted_transactions",
@@ -142,10 +160,19 @@ pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<
         let Some(group) = consumer.group_metadata() else {
             continue;
         };
-        if let Err(e) = producer
+        let n = batch.records.len();
+        let t0 = std::time::Instant::now();
+        let committed = producer
             .commit_batch(outputs, batch.next_offset(), group)
-            .await
-        {
+            .await;
+        metrics.commit_seconds.observe(t0.elapsed().as_secs_f64());
+        tracing::debug!(
+            partition = p,
+            records = n,
+            ms = t0.elapsed().as_millis() as u64,
+            "batch committed"
+        );
+        if let Err(e) = committed {
             tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
             metrics.aborted.inc();
             *state = snapshot;
