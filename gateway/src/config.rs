@@ -298,7 +298,7 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   log.chat_partitions   partitions of the chat topics               [12]
   log.replication_factor replication of created topics              [1]
   log.linger_ms         producer linger.ms                          [0]
-  log.fetch_wait_max_ms consumer fetch.wait.max.ms                  [5]
+  log.fetch_wait_max_ms consumer fetch.wait.max.ms                  [100]
   log.connect_timeout_ms start-up reachability timeout              [5000]
   store.nodes           Cassandra contact points                    [127.0.0.1:9042]
   store.keyspace        keyspace                                    [chat]

@@ -23,7 +23,9 @@ pub struct LogConfig {
     /// one hop's latency lowest; raise it for throughput.
     pub linger_ms: u32,
     /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch
-    /// waiting for data. Low values cut delivery latency at some CPU cost.
+    /// when no data is there. The broker answers as soon as data arrives, so
+    /// this does not add latency (measured: same p50 at 5 and 100 ms); low
+    /// values only add idle fetch requests and CPU.
     pub fetch_wait_max_ms: u32,
     /// How long a start-up check waits for Kafka or the registry before it
     /// reports them unreachable.
@@ -39,7 +41,7 @@ impl Default for LogConfig {
             chat_partitions: 12,
             replication_factor: 1,
             linger_ms: 0,
-            fetch_wait_max_ms: 5,
+            fetch_wait_max_ms: 100,
             connect_timeout_ms: 5_000,
         }
     }

@@ -31,6 +31,8 @@ pub struct SchemaRegistry {
     encoder: AvroEncoder,
     decoder: AvroDecoder,
     http: reqwest::Client,
+    /// Schema id of the envelope schema per topic, learnt from the first encode.
+    ids: std::sync::RwLock<std::collections::HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for SchemaRegistry {
@@ -71,6 +73,7 @@ impl SchemaRegistry {
             settings,
             url,
             http,
+            ids: Default::default(),
         })
     }
 
@@ -183,19 +186,39 @@ impl SchemaRegistry {
     }
 
     /// Encodes an envelope for `topic` in Confluent wire format.
+    ///
+    /// The first record of a topic goes through schema_registry_converter,
+    /// which registers (or finds) the schema and gives its id; later records
+    /// are written directly with that id, which saves cloning and looking up
+    /// the whole schema text for every record on the hot path.
     pub async fn encode(&self, topic: &str, envelope: &Envelope) -> Result<Vec<u8>, LogError> {
+        let known = self.ids.read().ok().and_then(|m| m.get(topic).copied());
+        if let Some(id) = known {
+            let datum = chat_schemas::encode_datum(envelope)
+                .map_err(|e| LogError::Encode(e.to_string()))?;
+            let mut out = Vec::with_capacity(5 + datum.len());
+            out.push(0);
+            out.extend_from_slice(&id.to_be_bytes());
+            out.extend_from_slice(&datum);
+            return Ok(out);
+        }
         let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
             topic.into(),
             false,
             envelope_supplied(),
         );
-        self.encoder
+        let bytes = self
+            .encoder
             .encode_value(envelope.to_avro(), &strategy)
             .await
             .map_err(|e| match self.classify(&subject_of(topic), e) {
                 LogError::Registry { detail, .. } => LogError::Encode(detail),
                 other => other,
-            })
+            })?;
+        if let (Some(id), Ok(mut ids)) = (schema_id(&bytes), self.ids.write()) {
+            ids.insert(topic.to_string(), id);
+        }
+        Ok(bytes)
     }
 
     /// Decodes a Confluent-framed record with the writer schema named by its

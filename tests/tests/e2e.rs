@@ -46,10 +46,19 @@ async fn create_group(c: &mut Client, members: &[&str]) -> String {
     ack["chat"].as_str().unwrap().to_string()
 }
 
+/// Sends a message; like a well-behaved client, waits and retries (same
+/// client_msg_id) when the gateway answers `rate_limited`.
 async fn send(c: &mut Client, chat: &str, msg_id: &str, text: &str) -> Value {
-    c.request(json!({"type": "send", "chat": chat, "client_msg_id": msg_id, "text": text}))
-        .await
-        .unwrap()
+    loop {
+        let a = c
+            .request(json!({"type": "send", "chat": chat, "client_msg_id": msg_id, "text": text}))
+            .await
+            .unwrap();
+        if a["code"] != "rate_limited" {
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Reads `event` frames of `chat` until one with `seq >= until` arrived.
@@ -165,17 +174,27 @@ async fn a_retry_is_acked_with_the_original_seq_and_stored_once() {
     assert_eq!(retry["type"], "ack");
     assert_eq!(first["seq"], retry["seq"]);
     assert_eq!(retry["duplicate"], true);
-    let page = ann
-        .request(json!({"type": "history", "chat": chat, "limit": 50}))
-        .await
-        .unwrap();
-    let stored: Vec<&Value> = page["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["client_msg_id"] == "same-id")
-        .collect();
-    assert_eq!(stored.len(), 1, "stored once: {page}");
+    // History is a projection: poll until the projector wrote the message.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let stored = loop {
+        let page = ann
+            .request(json!({"type": "history", "chat": chat, "limit": 50}))
+            .await
+            .unwrap();
+        assert_eq!(page["type"], "history", "{page}");
+        let stored: Vec<Value> = page["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["client_msg_id"] == "same-id")
+            .collect();
+        if !stored.is_empty() || tokio::time::Instant::now() > deadline {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stored.len(), 1, "stored once: {stored:?}");
     p.stop().await;
 }
 

@@ -124,66 +124,156 @@ pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<
     let (_, admin) =
         chat_runtime::serve_admin(config.listen, health, Arc::new(reg), shutdown.clone()).await?;
 
-    let mut owned: HashMap<i32, (TxnProducer, PartitionState)> = HashMap::new();
+    // One task per owned partition: partitions commit their transactions
+    // concurrently, each in order. A task that fails reports the offset to
+    // read its partition again from, and the next batch of it starts a new
+    // task (fence, rebuild).
+    let ctx = Arc::new(PartitionCtx {
+        config: config.clone(),
+        registry,
+        topics,
+        metrics,
+    });
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<(i32, i64)>();
+    let mut workers: HashMap<i32, tokio::sync::mpsc::Sender<Work>> = HashMap::new();
     let token = shutdown.token();
     let linger = Duration::from_micros(config.batch_linger_us);
-    while let Some(batch) = consumer
-        .next_batch(config.batch_max, linger, &token)
-        .await?
-    {
-        let p = batch.partition;
-        if batch.fresh || !owned.contains_key(&p) {
-            owned.remove(&p);
-            // Fence the previous owner first, then read what it committed.
-            let producer = TxnProducer::init(
-                &config.log,
-                registry.clone(),
-                &config.transactional_prefix,
-                &topics.commands,
-                p,
-            )
-            .await?;
-            let state = rebuild(&config.log, registry.clone(), &topics.events, p).await?;
-            metrics.rebuilds.inc();
-            tracing::info!(
-                partition = p,
-                chats = state.chats(),
-                "partition state rebuilt"
-            );
-            owned.insert(p, (producer, state));
-        }
-        let Some((producer, state)) = owned.get_mut(&p) else {
-            continue;
+    loop {
+        let batch = tokio::select! {
+            Some((p, offset)) = fail_rx.recv() => {
+                workers.remove(&p);
+                consumer.rewind(p, offset).await?;
+                continue;
+            }
+            b = consumer.next_batch(config.batch_max, linger, &token) => match b? {
+                Some(b) => b,
+                None => break,
+            },
         };
-        let snapshot = state.clone();
-        let outputs = sequence_batch(&batch.records, state, &config, &topics, p, &metrics);
+        let p = batch.partition;
+        if batch.fresh || !workers.contains_key(&p) {
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            tokio::spawn(partition_task(ctx.clone(), p, rx, fail_tx.clone()));
+            workers.insert(p, tx);
+        }
         let Some(group) = consumer.group_metadata() else {
             continue;
         };
-        let n = batch.records.len();
-        let t0 = std::time::Instant::now();
-        let committed = producer
-            .commit_batch(outputs, batch.next_offset(), group)
-            .await;
-        metrics.commit_seconds.observe(t0.elapsed().as_secs_f64());
-        tracing::debug!(
-            partition = p,
-            records = n,
-            ms = t0.elapsed().as_millis() as u64,
-            "batch committed"
-        );
-        if let Err(e) = committed {
-            tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
-            metrics.aborted.inc();
-            *state = snapshot;
-            owned.remove(&p);
-            consumer.rewind(p, batch.first_offset()).await?;
+        if let Some(tx) = workers.get(&p) {
+            // A closed channel means the task failed; its report rewinds p.
+            let _ = tx.send(Work { batch, group }).await;
         }
     }
     tracing::info!("sequencer stopping");
-    drop(owned);
+    // Closing the channels lets every task finish its batch and exit.
+    workers.clear();
     admin.await.ok();
     Ok(())
+}
+
+/// What every partition task shares.
+struct PartitionCtx {
+    config: SequencerConfig,
+    registry: Arc<SchemaRegistry>,
+    topics: Topics,
+    metrics: Metrics,
+}
+
+/// One batch for a partition task.
+struct Work {
+    batch: chat_log::Batch,
+    group: chat_log::partitioned::ConsumerGroupMetadata,
+}
+
+/// Owns partition `p`: fences the previous owner, rebuilds the state, then
+/// sequences and commits each batch in order. On any failure it reports the
+/// failed batch's first offset and exits.
+async fn partition_task(
+    ctx: Arc<PartitionCtx>,
+    p: i32,
+    mut rx: tokio::sync::mpsc::Receiver<Work>,
+    fail: tokio::sync::mpsc::UnboundedSender<(i32, i64)>,
+) {
+    let mut owned: Option<(TxnProducer, PartitionState)> = None;
+    let most = ctx.config.batch_max.max(1) * 4;
+    while let Some(Work {
+        mut batch,
+        mut group,
+    }) = rx.recv().await
+    {
+        // Batches that queued up while the last transaction committed join
+        // this one: under load, transactions grow instead of queueing.
+        while batch.records.len() < most {
+            match rx.try_recv() {
+                Ok(more) => {
+                    batch.records.extend(more.batch.records);
+                    group = more.group;
+                }
+                Err(_) => break,
+            }
+        }
+        let first = batch.first_offset();
+        match sequence_and_commit(&ctx, p, &mut owned, batch, group).await {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
+                ctx.metrics.aborted.inc();
+                let _ = fail.send((p, first));
+                return;
+            }
+        }
+    }
+}
+
+async fn sequence_and_commit(
+    ctx: &PartitionCtx,
+    p: i32,
+    owned: &mut Option<(TxnProducer, PartitionState)>,
+    batch: chat_log::Batch,
+    group: chat_log::partitioned::ConsumerGroupMetadata,
+) -> anyhow::Result<()> {
+    let (config, topics, metrics) = (&ctx.config, &ctx.topics, &ctx.metrics);
+    if owned.is_none() {
+        // Fence the previous owner first, then read what it committed.
+        let producer = TxnProducer::init(
+            &config.log,
+            ctx.registry.clone(),
+            &config.transactional_prefix,
+            &topics.commands,
+            p,
+        )
+        .await?;
+        let state = rebuild(&config.log, ctx.registry.clone(), &topics.events, p).await?;
+        metrics.rebuilds.inc();
+        tracing::info!(
+            partition = p,
+            chats = state.chats(),
+            "partition state rebuilt"
+        );
+        *owned = Some((producer, state));
+    }
+    let Some((producer, state)) = owned.as_mut() else {
+        anyhow::bail!("partition {p} has no state");
+    };
+    let outputs = sequence_batch(&batch.records, state, config, topics, p, metrics);
+    let n = batch.records.len();
+    let t0 = std::time::Instant::now();
+    let committed = producer
+        .commit_batch(outputs, batch.next_offset(), group)
+        .await;
+    metrics.commit_seconds.observe(t0.elapsed().as_secs_f64());
+    tracing::debug!(
+        partition = p,
+        records = n,
+        ms = t0.elapsed().as_millis() as u64,
+        "batch committed"
+    );
+    // On failure the state already holds the batch's decisions: drop it
+    // (the caller rewinds and a new task rebuilds from the log).
+    committed.map_err(|e| {
+        *owned = None;
+        anyhow::anyhow!(e)
+    })
 }
 
 /// The fold of partition `p` of `chat.events` as committed now.

@@ -30,7 +30,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     linger_ms: u32,
     /// Consumer fetch.wait.max.ms.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 100)]
     fetch_wait_ms: u32,
     /// Where to write the report ("-" for none).
     #[arg(long, default_value = "tests/reports/log-latency.md")]
