@@ -36,7 +36,8 @@ trap cleanup EXIT
 step "starting the stack (in the background) and compiling the tests"
 infra/stack.sh up >"$REPO/.stack-up.log" 2>&1 &
 up_pid=$!
-cargo test --workspace --no-run --locked || { wait $up_pid; exit 1; }
+# The end-to-end tests start the workspace's binaries: build them all first.
+cargo build --workspace --bins --locked && cargo test --workspace --no-run --locked || { wait $up_pid; exit 1; }
 if ! wait $up_pid; then
   cat "$REPO/.stack-up.log"
   exit 1
@@ -47,7 +48,7 @@ step "infra checks"
 bash tests/infra_checks.sh while-up || fail=1
 
 step "cargo test --workspace"
-cargo test --workspace --locked -- --test-threads=4 || fail=1
+cargo test --workspace --locked --no-fail-fast -- --test-threads=4 || fail=1
 
 if [ "$fail" != 0 ]; then
   step "FAILED"

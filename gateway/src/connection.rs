@@ -211,6 +211,7 @@ async fn run(
         opened_at: Instant::now(),
         bad_in_row: 0,
         last_seen,
+        settle: Vec::new(),
     };
     let outcome = AssertUnwindSafe(async {
         if session.open().await {
@@ -516,7 +517,17 @@ struct Session {
     opened_at: Instant,
     bad_in_row: u32,
     last_seen: Arc<AtomicI64>,
+    /// Second looks at history after a sync: (when, changed since). They
+    /// deliver what neither the sync read nor the live path brought (an
+    /// event routed by a router instance that had not yet seen this
+    /// session, with no later event of its chat to reveal the gap).
+    settle: Vec<(Instant, i64)>,
 }
+
+/// When the second looks at history happen after a sync.
+const SETTLE_AFTER: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(10)];
+/// How far before the sync's reads the second looks start.
+const SETTLE_MARGIN_MS: i64 = 5_000;
 
 impl Session {
     /// Produces SessionOpened and sends `hello`. False: the connection is closed.
@@ -1045,6 +1056,17 @@ impl Session {
     }
 
     async fn on_tick(&mut self) -> Result<(), Stop> {
+        let now = Instant::now();
+        let due: Vec<i64> = self
+            .settle
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, since)| *since)
+            .collect();
+        self.settle.retain(|(at, _)| *at > now);
+        for since in due {
+            self.settle_check(since).await?;
+        }
         let t = &self.shared.config.timeouts;
         if t.idle_ms > 0
             && now_ms() - self.last_seen.load(Ordering::Relaxed)
@@ -1160,6 +1182,68 @@ impl Session {
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
         self.live = true;
+        let now = Instant::now();
+        self.settle = SETTLE_AFTER
+            .iter()
+            .map(|d| (now + *d, read_start - SETTLE_MARGIN_MS))
+            .collect();
+        Ok(())
+    }
+
+    /// Sends, in per-chat order, what history holds of the chats changed
+    /// since `since` beyond what this connection already has.
+    async fn settle_check(&mut self, since: i64) -> Result<(), Stop> {
+        let history = self.shared.history.clone();
+        let changed = match history.changed_chats_since(&self.user, since).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "settle check skipped");
+                return Ok(());
+            }
+        };
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let client: HashMap<Uuid, u64> = changed
+            .iter()
+            .filter_map(|c| self.cursor.last(*c).map(|l| (*c, l)))
+            .collect();
+        let l = &self.shared.config.limits;
+        let read = match sync::plan(history.as_ref(), &self.user, Some(since), &client).await {
+            Ok(plans) => {
+                sync::read_chats(
+                    history.as_ref(),
+                    &plans,
+                    l.sync_bootstrap_events,
+                    l.sync_max_events_per_chat,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        let caught_up = match read {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "settle check skipped");
+                return Ok(());
+            }
+        };
+        let mut sent = 0u64;
+        for chat in caught_up {
+            for row in &chat.events {
+                if self.cursor.last(chat.chat).is_some_and(|l| row.seq <= l) {
+                    continue;
+                }
+                self.send_text(Outbound::Text(EventJson::from_row(row).frame()), "event")
+                    .await?;
+                self.cursor.advance(chat.chat, row.seq);
+                sent += 1;
+            }
+        }
+        if sent > 0 {
+            self.shared.metrics.settle_events.inc_by(sent);
+            tracing::info!(sent, "settle check delivered events the live path had not");
+        }
         Ok(())
     }
 

@@ -47,6 +47,8 @@ pub struct GatewayMetrics {
     pub ack_latency: Histogram,
     pub sync_duration: Histogram,
     pub sync_events: Counter,
+    /// Events a settle check found in history that the live path had not brought.
+    pub settle_events: Counter,
     pub live_duplicates_dropped: Counter,
     pub gap_fills: Counter,
     pub deliveries: Family<TypeLabel, Counter>,
@@ -67,6 +69,7 @@ impl GatewayMetrics {
             ack_latency: latency_histogram(),
             sync_duration: latency_histogram(),
             sync_events: Counter::default(),
+            settle_events: Counter::default(),
             live_duplicates_dropped: Counter::default(),
             gap_fills: Counter::default(),
             deliveries: Family::default(),
@@ -114,6 +117,11 @@ impl GatewayMetrics {
             m.sync_duration.clone(),
         );
         registry.register("sync_events", "Events sent by sync", m.sync_events.clone());
+        registry.register(
+            "settle_events",
+            "Events sent by the second looks at history after a sync",
+            m.settle_events.clone(),
+        );
         registry.register(
             "live_duplicates_dropped",
             "Live events not sent because sync or history already had them",

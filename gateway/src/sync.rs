@@ -207,7 +207,7 @@ pub async fn plan(
 pub struct ChatCatchUp {
     pub chat: Uuid,
     pub events: Vec<MessageRow>,
-    /// Everything up to here is with the client once `events` are sent.
+    /// The last seq the client has once `events` are sent.
     pub head: u64,
     /// Older events were skipped (page back with `history`).
     pub truncated: bool,
@@ -261,6 +261,16 @@ pub async fn read_chat(
         out.events = page.into_iter().filter(|r| r.seq > plan.after).collect();
         out.truncated = missing > u64::from(bootstrap);
     }
+    // The client has what was sent, not the head the chat row announced: a
+    // row can be ahead of the messages readable yet, and live events between
+    // the two must not be taken for duplicates.
+    out.head = out
+        .events
+        .iter()
+        .map(|r| r.seq)
+        .max()
+        .unwrap_or(plan.after)
+        .max(plan.after);
     Ok(out)
 }
 
@@ -417,6 +427,25 @@ pub async fn chat_list(
 mod tests {
     use super::*;
     use crate::history::{text_row, MemoryHistory};
+
+    #[tokio::test]
+    async fn the_cursor_ends_at_what_was_sent_not_at_an_announced_head() {
+        let h = MemoryHistory::new();
+        let chat = chat_with(&h, "bob", 11);
+        h.announce_head(chat, 20);
+        let plan = ChatPlan {
+            chat,
+            after: 1,
+            upto: None,
+            known: true,
+        };
+        let got = read_chat(&h, &plan, 50, 1000).await.unwrap();
+        assert_eq!(
+            got.events.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (2..=11).collect::<Vec<_>>()
+        );
+        assert_eq!(got.head, 11, "live events 12..=20 must still be admitted");
+    }
 
     #[tokio::test]
     async fn partitions_the_router_does_not_know_do_not_hold_up_sync() {
