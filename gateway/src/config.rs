@@ -202,6 +202,10 @@ pub(crate) fn ms(v: u64) -> Duration {
 impl GatewayConfig {
     /// Refuses values that cannot work (checked before anything connects).
     pub fn validate(&self) -> Result<(), String> {
+        self.check()
+    }
+
+    fn check(&self) -> Result<(), String> {
         if self.gateway_id.is_empty() || self.gateway_id.contains(',') {
             return Err("gateway_id must be non-empty and contain no comma".into());
         }
@@ -304,6 +308,15 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   store.keyspace        keyspace                                    [chat]
   store.connect_timeout_ms                                          [5000]
 Example: CHAT_LISTEN=0.0.0.0:8080 CHAT_DEV_LOGIN=true CHAT_ALLOWED_ORIGINS='*' chat-gateway";
+
+impl chat_runtime::ServiceConfig for GatewayConfig {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+    fn validate(&self) -> Result<(), String> {
+        self.check()
+    }
+}
 
 #[cfg(test)]
 mod tests {

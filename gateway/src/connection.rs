@@ -15,6 +15,7 @@
 //! hub, produces `SessionClosed`, closes the socket.
 
 use chat_log::HEADER_GATEWAY_ID;
+use chat_projectors::store::MessageRow;
 use chat_schemas::{
     Body, ChatCreated, ChatKind, ChatMember, CommandOutcome, Envelope, MemberAdded, MemberRemoved,
     MemberRoleChanged, MessageKind, MessageSent, RemovalReason, Role, SessionClosed, SessionOpened,
@@ -1156,15 +1157,7 @@ impl Session {
             if chat.truncated {
                 truncated.push(chat.chat);
             }
-            for row in &chat.events {
-                if self.cursor.last(chat.chat).is_some_and(|l| row.seq <= l) {
-                    continue;
-                }
-                self.send_text(Outbound::Text(EventJson::from_row(row).frame()), "event")
-                    .await?;
-                self.cursor.advance(chat.chat, row.seq);
-                sent += 1;
-            }
+            sent += self.send_rows(chat.chat, &chat.events).await?;
             self.cursor.advance(chat.chat, chat.head);
         }
         self.shared.metrics.sync_events.inc_by(sent);
@@ -1188,6 +1181,22 @@ impl Session {
             .map(|d| (now + *d, read_start - SETTLE_MARGIN_MS))
             .collect();
         Ok(())
+    }
+
+    /// Sends the rows of `chat` the connection does not have yet (in seq
+    /// order), advancing the cursor; returns how many were sent.
+    async fn send_rows(&mut self, chat: Uuid, rows: &[MessageRow]) -> Result<u64, Stop> {
+        let mut sent = 0;
+        for row in rows {
+            if self.cursor.last(chat).is_some_and(|l| row.seq <= l) {
+                continue;
+            }
+            self.send_text(Outbound::Text(EventJson::from_row(row).frame()), "event")
+                .await?;
+            self.cursor.advance(chat, row.seq);
+            sent += 1;
+        }
+        Ok(sent)
     }
 
     /// Sends, in per-chat order, what history holds of the chats changed
@@ -1230,15 +1239,7 @@ impl Session {
         };
         let mut sent = 0u64;
         for chat in caught_up {
-            for row in &chat.events {
-                if self.cursor.last(chat.chat).is_some_and(|l| row.seq <= l) {
-                    continue;
-                }
-                self.send_text(Outbound::Text(EventJson::from_row(row).frame()), "event")
-                    .await?;
-                self.cursor.advance(chat.chat, row.seq);
-                sent += 1;
-            }
+            sent += self.send_rows(chat.chat, &chat.events).await?;
         }
         if sent > 0 {
             self.shared.metrics.settle_events.inc_by(sent);

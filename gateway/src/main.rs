@@ -14,26 +14,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config: chat_gateway::GatewayConfig =
-        match chat_runtime::load_config(args.config.as_deref(), "CHAT_") {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("chat-gateway: {e}");
-                return std::process::ExitCode::from(2);
-            }
-        };
-    if let Err(e) = config.validate() {
-        eprintln!("chat-gateway: invalid configuration: {e}");
-        return std::process::ExitCode::from(2);
-    }
-    chat_runtime::telemetry::init(config.log_format);
-    let shutdown = chat_runtime::Shutdown::on_signals();
-    match chat_gateway::run(config, shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("chat-gateway: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    chat_runtime::service_main::<chat_gateway::GatewayConfig, _, _>(
+        "chat-gateway",
+        args.config.as_deref(),
+        chat_gateway::run,
+    )
+    .await
 }

@@ -296,12 +296,15 @@ impl PartitionedConsumer {
     }
 
     /// Reads `partition` again from `offset`; the next batch of it is fresh.
+    /// A partition this member lost meanwhile (a rebalance: the usual reason a
+    /// transaction failed) cannot be sought; that is not an error, its new
+    /// owner resumes from the committed offset.
     pub async fn rewind(&mut self, partition: i32, offset: i64) -> Result<(), LogError> {
         self.warm.remove(&partition);
         self.drop_pending(partition);
         let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
         // seek blocks until the fetcher accepted the new position.
-        tokio::task::spawn_blocking(move || {
+        let sought = tokio::task::spawn_blocking(move || {
             consumer.seek(
                 &topic,
                 partition,
@@ -310,7 +313,20 @@ impl PartitionedConsumer {
             )
         })
         .await
-        .map_err(|e| LogError::Config(e.to_string()))??;
+        .map_err(|e| LogError::Config(e.to_string()))?;
+        if let Err(e) = sought {
+            let still_ours = self
+                .consumer
+                .assignment()
+                .map(|a| a.find_partition(&self.topic, partition).is_some())
+                .unwrap_or(true);
+            if still_ours {
+                // Going on would skip the batch: stop instead; a restart
+                // resumes from the committed offset.
+                return Err(LogError::Kafka(e));
+            }
+            tracing::info!(partition, offset, error = %e, "not rewound: the partition is not assigned here any more");
+        }
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! - [`telemetry`]: the `tracing` subscriber (pretty or JSON lines);
 //! - [`admin`]: the admin HTTP endpoint every service serves: `/health` and
 //!   Prometheus `/metrics`;
+//! - [`service`]: the shared `main` of every service (config, tracing, exit codes);
 //! - [`shutdown`]: one cancellation signal fired by SIGTERM or Ctrl-C that
 //!   every long-running loop watches.
 //!
@@ -14,9 +15,11 @@
 
 pub mod admin;
 pub mod config;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use admin::{serve_admin, Health, Metrics};
 pub use config::{load_config, Secret};
+pub use service::{service_main, ServiceConfig};
 pub use shutdown::Shutdown;

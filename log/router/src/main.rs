@@ -23,20 +23,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config: chat_router::RouterConfig =
-        match chat_runtime::load_config(args.config.as_deref(), "CHAT_") {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("chat-router: {e}");
-                return std::process::ExitCode::from(2);
-            }
-        };
-    chat_runtime::telemetry::init(config.log_format);
-    match chat_router::run(config, chat_runtime::Shutdown::on_signals()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("chat-router: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    chat_runtime::service_main::<chat_router::RouterConfig, _, _>(
+        "chat-router",
+        args.config.as_deref(),
+        chat_router::run,
+    )
+    .await
 }

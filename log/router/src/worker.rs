@@ -38,6 +38,12 @@ pub struct RouterConfig {
     pub log: LogConfig,
 }
 
+impl chat_runtime::ServiceConfig for RouterConfig {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
 impl Default for RouterConfig {
     fn default() -> Self {
         Self {

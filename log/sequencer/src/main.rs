@@ -26,20 +26,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config: chat_sequencer::SequencerConfig =
-        match chat_runtime::load_config(args.config.as_deref(), "CHAT_") {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("chat-sequencer: {e}");
-                return std::process::ExitCode::from(2);
-            }
-        };
-    chat_runtime::telemetry::init(config.log_format);
-    match chat_sequencer::run(config, chat_runtime::Shutdown::on_signals()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("chat-sequencer: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    chat_runtime::service_main::<chat_sequencer::SequencerConfig, _, _>(
+        "chat-sequencer",
+        args.config.as_deref(),
+        chat_sequencer::run,
+    )
+    .await
 }

@@ -43,6 +43,12 @@ pub struct SequencerConfig {
     pub log: LogConfig,
 }
 
+impl chat_runtime::ServiceConfig for SequencerConfig {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
+    }
+}
+
 impl Default for SequencerConfig {
     fn default() -> Self {
         Self {

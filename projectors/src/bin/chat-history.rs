@@ -20,24 +20,8 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config: HistoryConfig = match chat_runtime::load_config(args.config.as_deref(), "CHAT_") {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("chat-history: {e}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    chat_runtime::telemetry::init(config.log_format);
-    let shutdown = Shutdown::on_signals();
-    match run(config, shutdown.clone()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            shutdown.trigger();
-            tracing::error!("{e:#}");
-            eprintln!("chat-history: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    chat_runtime::service_main::<HistoryConfig, _, _>("chat-history", args.config.as_deref(), run)
+        .await
 }
 
 async fn run(config: HistoryConfig, shutdown: Shutdown) -> anyhow::Result<()> {

@@ -104,6 +104,12 @@ pub struct HistoryConfig {
     pub store: StoreConfig,
 }
 
+impl chat_runtime::ServiceConfig for HistoryConfig {
+    fn log_format(&self) -> chat_runtime::telemetry::LogFormat {
+        self.log_format
+    }
+}
+
 impl Default for HistoryConfig {
     fn default() -> Self {
         Self {
