@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::registry::DecodeFailure;
 use crate::topics::{base_client_config, check_brokers};
-use crate::{EventProducer, LogConfig, LogError, HEADER_TRACE_ID};
+use crate::{EventProducer, LogConfig, LogError, SchemaRegistry, HEADER_TRACE_ID};
 
 /// One decoded record and where it came from.
 #[derive(Clone, Debug)]
@@ -56,6 +56,79 @@ pub(crate) fn owned_headers<M: Message>(msg: &M) -> Vec<(String, Vec<u8>)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A record taken off a consumer, owned, so the message is released before
+/// the (possibly waiting) decode.
+pub(crate) struct Fetched {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl Fetched {
+    pub(crate) fn of<M: Message>(msg: &M) -> Self {
+        Self {
+            topic: msg.topic().to_string(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            key: msg.key().map(<[u8]>::to_vec),
+            headers: owned_headers(msg),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+        }
+    }
+}
+
+/// What decoding a fetched record gave.
+pub(crate) enum Decoded {
+    Event(Box<ConsumedEvent>),
+    /// Not a valid envelope for any schema we can read: the reason.
+    Undecodable(String),
+    /// Shutdown fired while the registry was unreachable.
+    Stopped,
+}
+
+/// Decodes `f`, waiting out registry outages with a capped backoff (and, when
+/// given, until `shutdown` fires). Every consumer of the crate decodes here.
+pub(crate) async fn decode_fetched(
+    registry: &SchemaRegistry,
+    f: &Fetched,
+    shutdown: Option<&CancellationToken>,
+) -> Decoded {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match registry.decode(&f.payload).await {
+            Ok((schema_id, envelope)) => {
+                let trace_id = f
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == HEADER_TRACE_ID)
+                    .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_else(|| envelope.trace_id.clone());
+                return Decoded::Event(Box::new(ConsumedEvent {
+                    topic: f.topic.clone(),
+                    partition: f.partition,
+                    offset: f.offset,
+                    key: f.key.clone(),
+                    trace_id,
+                    schema_id,
+                    headers: f.headers.clone(),
+                    envelope,
+                }));
+            }
+            Err(DecodeFailure::Permanent(why)) => return Decoded::Undecodable(why),
+            Err(DecodeFailure::Transient(e)) => {
+                tracing::warn!(error = %e, "registry unavailable while decoding; retrying");
+                let never = CancellationToken::new();
+                if sleep_or_shutdown(&mut backoff, shutdown.unwrap_or(&never)).await {
+                    return Decoded::Stopped;
+                }
+            }
+        }
+    }
 }
 
 /// What a handler says about a record it could not process.
@@ -155,46 +228,18 @@ impl EventConsumer {
                 _ = shutdown.cancelled() => return Ok(()),
                 m = self.inner.recv() => m?,
             };
-            let (topic, partition, offset) =
-                (msg.topic().to_string(), msg.partition(), msg.offset());
-            let payload = msg.payload().unwrap_or_default().to_vec();
-            let key = msg.key().map(<[u8]>::to_vec);
-            let headers = owned_headers(&msg);
-            let header_trace = headers
-                .iter()
-                .find(|(k, _)| k == HEADER_TRACE_ID)
-                .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+            let f = Fetched::of(&msg);
             drop(msg);
-
-            let mut backoff = Duration::from_millis(50);
-            let event = loop {
-                match self.producer.registry().decode(&payload).await {
-                    Ok((schema_id, envelope)) => {
-                        break Some(ConsumedEvent {
-                            trace_id: header_trace
-                                .clone()
-                                .unwrap_or_else(|| envelope.trace_id.clone()),
-                            topic: topic.clone(),
-                            partition,
-                            offset,
-                            key: key.clone(),
-                            schema_id,
-                            headers: headers.clone(),
-                            envelope,
-                        })
-                    }
-                    Err(DecodeFailure::Permanent(why)) => {
-                        self.dead_letter(&topic, partition, offset, key.as_deref(), &payload, &why)
-                            .await?;
-                        break None;
-                    }
-                    Err(DecodeFailure::Transient(e)) => {
-                        tracing::warn!(error = %e, "registry unavailable while decoding; retrying");
-                        if sleep_or_shutdown(&mut backoff, shutdown).await {
-                            return Ok(());
-                        }
-                    }
+            let (topic, partition, offset) = (f.topic.clone(), f.partition, f.offset);
+            let (key, payload) = (f.key.clone(), f.payload.clone());
+            let event = match decode_fetched(self.producer.registry(), &f, Some(shutdown)).await {
+                Decoded::Event(e) => Some(*e),
+                Decoded::Undecodable(why) => {
+                    self.dead_letter(&topic, partition, offset, key.as_deref(), &payload, &why)
+                        .await?;
+                    None
                 }
+                Decoded::Stopped => return Ok(()),
             };
 
             if let Some(event) = event {

@@ -21,7 +21,6 @@
 
 pub use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{HashSet, VecDeque};
@@ -29,11 +28,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::consumer::owned_headers;
+use crate::consumer::{decode_fetched, Decoded, Fetched};
 use crate::producer::envelope_headers;
-use crate::registry::DecodeFailure;
 use crate::topics::{base_client_config, check_brokers, check_topics_exist};
-use crate::{ConsumedEvent, LogConfig, LogError, Outgoing, SchemaRegistry, HEADER_TRACE_ID};
+use crate::{ConsumedEvent, LogConfig, LogError, Outgoing, SchemaRegistry};
 
 /// Records rebalances so the consumer loop learns which partitions it lost.
 #[derive(Default)]
@@ -191,50 +189,20 @@ impl PartitionedConsumer {
             Ok(m) => m?,
             Err(_) => return Ok(None),
         };
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let payload = msg.payload().unwrap_or_default().to_vec();
-        let key = msg.key().map(<[u8]>::to_vec);
-        let headers = owned_headers(&msg);
+        let f = Fetched::of(&msg);
         drop(msg);
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.registry.decode(&payload).await {
-                Ok((schema_id, envelope)) => {
-                    let trace_id = headers
-                        .iter()
-                        .find(|(k, _)| k == HEADER_TRACE_ID)
-                        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-                        .unwrap_or_else(|| envelope.trace_id.clone());
-                    let ev = ConsumedEvent {
-                        topic: self.topic.clone(),
-                        partition,
-                        offset,
-                        key,
-                        trace_id,
-                        schema_id,
-                        headers,
-                        envelope,
-                    };
-                    return Ok(Some((partition, BatchRecord::Event(Box::new(ev)))));
-                }
-                Err(DecodeFailure::Permanent(error)) => {
-                    return Ok(Some((
-                        partition,
-                        BatchRecord::Undecodable {
-                            offset,
-                            key,
-                            payload,
-                            error,
-                        },
-                    )))
-                }
-                Err(DecodeFailure::Transient(e)) => {
-                    tracing::warn!(error = %e, "registry unavailable while decoding; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        let record = match decode_fetched(&self.registry, &f, None).await {
+            Decoded::Event(e) => BatchRecord::Event(e),
+            Decoded::Undecodable(error) => BatchRecord::Undecodable {
+                offset: f.offset,
+                key: f.key,
+                payload: f.payload,
+                error,
+            },
+            // Only a decode given a shutdown token stops.
+            Decoded::Stopped => return Ok(None),
+        };
+        Ok(Some((f.partition, record)))
     }
 
     /// The next batch: records of one partition, up to `max`, collected for at

@@ -6,18 +6,15 @@
 //! Nothing is committed: the caller decides where to start each time.
 //! Reads only committed transactional data (`isolation.level=read_committed`).
 
-use chat_schemas::Envelope;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::consumer::owned_headers;
-use crate::registry::DecodeFailure;
+use crate::consumer::{decode_fetched, Decoded, Fetched};
 use crate::topics::{base_client_config, check_topics_exist};
-use crate::{ConsumedEvent, LogConfig, LogError, SchemaRegistry, HEADER_TRACE_ID};
+use crate::{ConsumedEvent, LogConfig, LogError, SchemaRegistry};
 
 /// Where a tail starts in each partition.
 #[derive(Clone, Debug)]
@@ -109,39 +106,18 @@ impl TopicTail {
     /// The next record (waits for one).
     pub async fn next(&self) -> Result<TailItem, LogError> {
         let msg = self.consumer.recv().await?;
-        let (partition, offset) = (msg.partition(), msg.offset());
-        let payload = msg.payload().unwrap_or_default().to_vec();
-        let key = msg.key().map(<[u8]>::to_vec);
-        let headers = owned_headers(&msg);
+        let f = Fetched::of(&msg);
         drop(msg);
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match self.registry.decode(&payload).await {
-                Ok((schema_id, envelope)) => {
-                    return Ok(TailItem::Event(Box::new(event(
-                        &self.topic,
-                        partition,
-                        offset,
-                        key,
-                        schema_id,
-                        headers,
-                        envelope,
-                    ))))
-                }
-                Err(DecodeFailure::Permanent(error)) => {
-                    return Ok(TailItem::Undecodable {
-                        partition,
-                        offset,
-                        error,
-                    })
-                }
-                Err(DecodeFailure::Transient(e)) => {
-                    tracing::warn!(error = %e, "registry unavailable while decoding; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        Ok(match decode_fetched(&self.registry, &f, None).await {
+            Decoded::Event(e) => TailItem::Event(e),
+            Decoded::Undecodable(error) => TailItem::Undecodable {
+                partition: f.partition,
+                offset: f.offset,
+                error,
+            },
+            // Only a decode given a shutdown token stops.
+            Decoded::Stopped => return Err(LogError::Config("decode stopped".into())),
+        })
     }
 
     /// The current end (next offset to be written) of each assigned partition.
@@ -211,32 +187,6 @@ impl TopicTail {
             }
         }
         Ok(())
-    }
-}
-
-fn event(
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    schema_id: u32,
-    headers: Vec<(String, Vec<u8>)>,
-    envelope: Envelope,
-) -> ConsumedEvent {
-    let trace_id = headers
-        .iter()
-        .find(|(k, _)| k == HEADER_TRACE_ID)
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .unwrap_or_else(|| envelope.trace_id.clone());
-    ConsumedEvent {
-        topic: topic.to_string(),
-        partition,
-        offset,
-        key,
-        trace_id,
-        schema_id,
-        headers,
-        envelope,
     }
 }
 
