@@ -533,10 +533,7 @@ impl EventJson {
     /// From a live envelope (`None` for an envelope without a chat).
     pub fn from_envelope(e: &Envelope) -> Option<Self> {
         let chat = e.chat_id?;
-        let body = match serde_json::to_value(&e.body) {
-            Ok(v) => unwrap_tagged(v, e.body.kind()),
-            Err(_) => Value::Null,
-        };
+        let body = e.body.record_value();
         Some(Self {
             chat,
             seq: e.seq,

@@ -223,6 +223,25 @@ macro_rules! avro_union {
                     $(Self::$variant(_) => stringify!($variant)),+
                 }
             }
+
+            /// The JSON of the event record itself (not wrapped in the
+            /// variant name), fields in schema order: what history stores.
+            pub fn record_json(&self) -> String {
+                let json = match self {
+                    $(Self::$variant(r) => serde_json::to_string(r)),+
+                };
+                // Plain structs of strings, numbers and enums: cannot fail.
+                json.unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+            }
+
+            /// The event record as a JSON value (not wrapped in the variant
+            /// name): what clients see as an event's `body`.
+            pub fn record_value(&self) -> serde_json::Value {
+                let value = match self {
+                    $(Self::$variant(r) => serde_json::to_value(r)),+
+                };
+                value.unwrap_or(serde_json::Value::Null)
+            }
         }
 
         impl AvroValue for $name {

@@ -274,34 +274,7 @@ fn message_row(event: &Envelope, chat: Uuid, seq: u64, at: i64) -> MessageRow {
 /// The JSON of the body's record (not wrapped in the variant name), fields
 /// in schema order.
 pub fn body_json(body: &Body) -> String {
-    macro_rules! inner {
-        ($($variant:ident),+) => {
-            match body {
-                $(Body::$variant(record) => serde_json::to_string(record),)+
-            }
-        };
-    }
-    let json = inner!(
-        MessageSent,
-        MessageEdited,
-        MessageDeleted,
-        ReactionChanged,
-        DeliveryReceipt,
-        ReadReceipt,
-        ChatCreated,
-        MemberAdded,
-        MemberRemoved,
-        MemberRoleChanged,
-        PresenceChanged,
-        Typing,
-        SessionOpened,
-        SessionClosed,
-        PushTask,
-        CommandResult,
-        SessionRouted
-    );
-    // Plain structs of strings, numbers and enums: serialising cannot fail.
-    json.unwrap_or_else(|e| format!("{{\"error\":{:?}}}", e.to_string()))
+    body.record_json()
 }
 
 #[cfg(test)]
