@@ -82,6 +82,31 @@ async fn events_until(c: &mut Client, chat: &str, until: u64) -> Vec<Value> {
     out
 }
 
+/// Reads `event` frames of any chat into `per_chat` until every one of
+/// `chats` reached seq `until` (frames of all chats kept: they interleave).
+async fn collect_until(
+    c: &mut Client,
+    chats: &[String],
+    until: u64,
+    per_chat: &mut HashMap<String, Vec<u64>>,
+) {
+    let done = |m: &HashMap<String, Vec<u64>>| {
+        chats
+            .iter()
+            .all(|c| m.get(c).and_then(|v| v.last()).copied().unwrap_or(0) >= until)
+    };
+    while !done(per_chat) {
+        match c.next(WAIT).await.unwrap() {
+            Some(Incoming::Json(v)) if v["type"] == "event" => per_chat
+                .entry(v["chat"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v["seq"].as_u64().unwrap()),
+            Some(Incoming::Json(_)) => {}
+            other => panic!("stream ended before seq {until}: {other:?}; so far {per_chat:?}"),
+        }
+    }
+}
+
 fn seqs(events: &[Value]) -> Vec<u64> {
     events.iter().filter_map(|e| e["seq"].as_u64()).collect()
 }
@@ -266,11 +291,12 @@ async fn an_offline_device_catches_up_exactly_once_then_goes_live_without_a_gap(
     }
     // bob's device has seen each chat's creation; remember where it is.
     let mut bob = bob;
-    let mut last: BTreeMap<String, u64> = BTreeMap::new();
-    for c in &chats {
-        let evs = events_until(&mut bob, c, 1).await;
-        last.insert(c.clone(), seqs(&evs).into_iter().max().unwrap());
-    }
+    let mut seen: HashMap<String, Vec<u64>> = HashMap::new();
+    collect_until(&mut bob, &chats, 1, &mut seen).await;
+    let last: BTreeMap<String, u64> = seen
+        .iter()
+        .map(|(c, s)| (c.clone(), s.iter().copied().max().unwrap_or(0)))
+        .collect();
     let (_, checkpoint) = sync(&mut bob, Value::Null, json!({})).await;
     drop(bob);
 
@@ -304,21 +330,7 @@ async fn an_offline_device_catches_up_exactly_once_then_goes_live_without_a_gap(
             .push(e["seq"].as_u64().unwrap());
     }
     // Then the live events, all chats interleaved, until each reached 21.
-    let done = |m: &HashMap<String, Vec<u64>>| {
-        chats
-            .iter()
-            .all(|c| m.get(c).and_then(|v| v.last()).copied().unwrap_or(0) >= 21)
-    };
-    while !done(&per_chat) {
-        match bob.next(WAIT).await.unwrap() {
-            Some(Incoming::Json(v)) if v["type"] == "event" => per_chat
-                .entry(v["chat"].as_str().unwrap().to_string())
-                .or_default()
-                .push(v["seq"].as_u64().unwrap()),
-            Some(Incoming::Json(_)) => {}
-            other => panic!("stream ended: {other:?}; so far {per_chat:?}"),
-        }
-    }
+    collect_until(&mut bob, &chats, 21, &mut per_chat).await;
     for c in &chats {
         assert_eq!(
             per_chat[c],
