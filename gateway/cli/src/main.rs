@@ -545,7 +545,9 @@ async fn history(
         .as_array()
         .ok_or_else(|| CliError::Protocol(format!("expected history, got {page}")))?;
     for e in events {
+        // The same shape as live `event` frames.
         let mut e = e.clone();
+        e["type"] = json!("event");
         e["chat"] = json!(chat);
         out(g.json, &e, || event_text(&e));
     }
