@@ -110,7 +110,7 @@ async function newChat(u, kind, members, title = "") {
   await u.page.fill("#new-members", members.join(", "));
   await u.page.fill("#new-group-title", title);
   await u.page.click("#new-create");
-  await u.page.waitForSelector("#new-dialog:not([open])", { timeout: WAIT });
+  await u.page.waitForSelector("#new-dialog", { state: "hidden", timeout: WAIT });
   await u.page.waitForSelector("#chat:not([hidden])");
 }
 
