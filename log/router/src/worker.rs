@@ -156,33 +156,34 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             .await?;
             lock(&members).insert(p, state);
         }
-        let mut guard = lock(&members);
-        let Some(state) = guard.get_mut(&p) else {
-            continue;
-        };
         let mut out = Vec::new();
-        for rec in &batch.records {
-            let BatchRecord::Event(ev) = rec else {
-                tracing::warn!(
-                    partition = p,
-                    offset = rec.offset(),
-                    "undecodable event skipped"
-                );
+        {
+            let mut guard = lock(&members);
+            let Some(state) = guard.get_mut(&p) else {
                 continue;
             };
-            metrics.events.inc();
-            route(
-                &ev.envelope,
-                state,
-                &sessions,
-                p,
-                ev.offset,
-                &topics,
-                config.log.chat_partitions,
-                &mut out,
-            );
+            for rec in &batch.records {
+                let BatchRecord::Event(ev) = rec else {
+                    tracing::warn!(
+                        partition = p,
+                        offset = rec.offset(),
+                        "undecodable event skipped"
+                    );
+                    continue;
+                };
+                metrics.events.inc();
+                route(
+                    &ev.envelope,
+                    state,
+                    &sessions,
+                    p,
+                    ev.offset,
+                    &topics,
+                    config.log.chat_partitions,
+                    &mut out,
+                );
+            }
         }
-        drop(guard);
         let n = out.len() as u64;
         let sent = producer.send_batch(out).await;
         match sent {
