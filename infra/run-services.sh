@@ -18,7 +18,7 @@ stop() {
 }
 trap stop EXIT INT TERM
 
-for svc in chat-sequencer chat-router chat-history; do
+for svc in chat-sequencer chat-router chat-history chat-presence; do
   "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
   pids+=($!)
   echo "started $svc (pid $!), log: $LOGS/$svc.log"

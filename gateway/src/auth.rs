@@ -24,6 +24,9 @@ pub struct Identity {
     pub device: Option<String>,
     /// `exp`, seconds since the epoch.
     pub expires_at: u64,
+    /// `iat`, seconds since the epoch, when the token has one (a revoked
+    /// device's tokens issued before the revocation are refused).
+    pub issued_at: Option<u64>,
 }
 
 /// Why a token was refused. `code()` is what the 401 body says.
@@ -166,6 +169,7 @@ impl Authenticator {
             user: claims.sub,
             device: claims.device,
             expires_at: claims.exp,
+            issued_at: claims.iat,
         })
     }
 

@@ -133,6 +133,13 @@ pub struct Limits {
     pub max_group_members: u32,
     /// Open connections per gateway; more get 503 at the upgrade.
     pub max_connections: usize,
+    /// Chats one connection may `watch` at once (presence and typing).
+    pub max_watched_chats: usize,
+    /// Shortest interval between two `typing` frames of a connection for
+    /// one chat; faster: `rate_limited`.
+    pub typing_interval_ms: u64,
+    /// How long a typing indicator shows unless renewed (`expires_at`).
+    pub typing_ttl_ms: u64,
 }
 
 impl Default for Limits {
@@ -151,6 +158,9 @@ impl Default for Limits {
             sync_max_events_per_chat: 1000,
             max_group_members: 256,
             max_connections: 10_000,
+            max_watched_chats: 16,
+            typing_interval_ms: 1_000,
+            typing_ttl_ms: 6_000,
         }
     }
 }
@@ -172,9 +182,18 @@ pub struct Timeouts {
     /// How long a first sync waits for the history projector to reach the
     /// router's offsets before it reads anyway.
     pub sync_progress_ms: u64,
-    /// No frame (not even a ping) from the client for this long: close 4002.
-    /// 0 disables.
+    /// The heartbeat TTL: no frame (not even a ping) from the client for
+    /// this long: close 4002, and the session ends (the user goes offline
+    /// when it was their last). 0 disables.
     pub idle_ms: u64,
+    /// How often clients should send `ping` (announced in `hello`; 5 to 30 s).
+    pub heartbeat_interval_ms: u64,
+    /// How often this gateway writes `GatewayHeartbeat` to every
+    /// `chat.sessions` partition (the presence service expires the sessions
+    /// of a gateway that stops).
+    pub gateway_heartbeat_ms: u64,
+    /// Presence changes of watched users are batched over this window.
+    pub presence_batch_ms: u64,
     /// A frame that cannot be queued for this long (the client does not
     /// read): close 4008.
     pub slow_consumer_ms: u64,
@@ -188,7 +207,10 @@ impl Default for Timeouts {
             ack_ms: 10_000,
             session_routed_ms: 3_000,
             sync_progress_ms: 5_000,
-            idle_ms: 120_000,
+            idle_ms: 45_000,
+            heartbeat_interval_ms: 15_000,
+            gateway_heartbeat_ms: 3_000,
+            presence_batch_ms: 500,
             slow_consumer_ms: 5_000,
         }
     }
@@ -228,6 +250,16 @@ impl GatewayConfig {
         if l.max_history_limit == 0 || l.max_group_members < 2 {
             return Err(
                 "limits.max_history_limit must be > 0, limits.max_group_members >= 2".into(),
+            );
+        }
+        let t = &self.timeouts;
+        if !(5_000..=30_000).contains(&t.heartbeat_interval_ms) {
+            return Err("timeouts.heartbeat_interval_ms must be 5000 to 30000".into());
+        }
+        if t.gateway_heartbeat_ms == 0 || t.presence_batch_ms == 0 || l.typing_ttl_ms == 0 {
+            return Err(
+                "timeouts.gateway_heartbeat_ms, timeouts.presence_batch_ms and limits.typing_ttl_ms must be > 0"
+                    .into(),
             );
         }
         if self.auth.hs256_secret.is_none() && self.auth.jwks_path.is_none() && !self.dev_login {
@@ -289,12 +321,18 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   limits.sync_max_events_per_chat events per known chat on sync     [1000]
   limits.max_group_members      members of a new group              [256]
   limits.max_connections        connections per gateway             [10000]
+  limits.max_watched_chats      chats watched per connection        [16]
+  limits.typing_interval_ms     shortest typing interval per chat   [1000]
+  limits.typing_ttl_ms          typing indicator lifetime           [6000]
   timeouts.header_read_ms       HTTP headers must arrive within     [10000]
   timeouts.upgrade_ms           WebSocket upgrade completes within  [10000]
   timeouts.ack_ms               command result wait                 [10000]
   timeouts.session_routed_ms    wait for the router on first sync   [3000]
   timeouts.sync_progress_ms     wait for the history projector      [5000]
-  timeouts.idle_ms              close silent clients (0: never)     [120000]
+  timeouts.idle_ms              heartbeat TTL: close silent clients [45000]
+  timeouts.heartbeat_interval_ms ping interval told to clients      [15000]
+  timeouts.gateway_heartbeat_ms GatewayHeartbeat interval           [3000]
+  timeouts.presence_batch_ms    presence batching window            [500]
   timeouts.slow_consumer_ms     close clients that do not read      [5000]
   log.brokers           Kafka bootstrap servers                     [127.0.0.1:9092]
   log.registry_url      schema registry (Confluent API) base URL    [http://127.0.0.1:8081/apis/ccompat/v7]

@@ -187,6 +187,8 @@ async fn run(
     let handle = ConnHandle {
         conn_id,
         session_id,
+        device: device.clone(),
+        watching: Arc::default(),
         events: ev_tx,
         results: res_tx,
         closer: closer.clone(),
@@ -213,6 +215,8 @@ async fn run(
         bad_in_row: 0,
         last_seen,
         settle: Vec::new(),
+        members: HashMap::new(),
+        typing_at: HashMap::new(),
     };
     let outcome = AssertUnwindSafe(async {
         if session.open().await {
@@ -523,7 +527,14 @@ struct Session {
     /// event routed by a router instance that had not yet seen this
     /// session, with no later event of its chat to reveal the gap).
     settle: Vec<(Instant, i64)>,
+    /// Chats this user was found a member of, and when (typing checks).
+    members: HashMap<Uuid, Instant>,
+    /// When this connection last sent `typing` per chat (rate limit).
+    typing_at: HashMap<Uuid, Instant>,
 }
+
+/// How long a membership check answers `typing` without a new read.
+const MEMBER_CACHE: Duration = Duration::from_secs(30);
 
 /// When the second looks at history happen after a sync.
 const SETTLE_AFTER: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(10)];
@@ -591,6 +602,10 @@ impl Session {
                 send_burst: l.send_burst,
                 idle_timeout_ms: s.config.timeouts.idle_ms,
                 ack_timeout_ms: s.config.timeouts.ack_ms,
+                heartbeat_interval_ms: s.config.timeouts.heartbeat_interval_ms,
+                max_watched_chats: l.max_watched_chats,
+                typing_interval_ms: l.typing_interval_ms,
+                typing_ttl_ms: l.typing_ttl_ms,
             },
         };
         tracing::info!("connection open");
@@ -713,6 +728,7 @@ impl Session {
             }
             Inbound::Text(text) => {
                 let limits = protocol::ParseLimits {
+                    max_watched_chats: self.shared.config.limits.max_watched_chats,
                     max_text_bytes: self.shared.config.limits.max_text_bytes,
                     max_history_limit: self.shared.config.limits.max_history_limit,
                     max_group_members: self.shared.config.limits.max_group_members,
@@ -786,14 +802,238 @@ impl Session {
             }
             ClientFrame::Chats => {
                 match sync::chat_list(self.shared.history.as_ref(), &self.user).await {
-                    Ok(chats) => self.frame(ServerFrame::Chats { id, chats }).await,
+                    Ok(chats) => {
+                        let unread_total = chats.iter().map(|c| c.unread).sum();
+                        self.frame(ServerFrame::Chats {
+                            id,
+                            chats,
+                            unread_total,
+                        })
+                        .await
+                    }
                     Err(e) => {
                         let (code, message) = sync::store_error(&e);
                         self.error(id, code, message).await
                     }
                 }
             }
+            ClientFrame::Watch { chats } => self.on_watch(id, chats).await,
+            ClientFrame::Typing { chat, active } => self.on_typing(id, chat, active).await,
+            ClientFrame::Receipts { chat } => self.on_receipts(id, chat).await,
+            ClientFrame::Devices => self.on_devices(id).await,
+            ClientFrame::RevokeDevice { device } => {
+                let body = Body::DeviceRevoked(chat_schemas::DeviceRevoked {
+                    device_id: device,
+                    revoked_at: now_ms(),
+                });
+                self.user_setting(id, body).await
+            }
+            ClientFrame::PresenceSettings { hidden } => {
+                let body =
+                    Body::PresenceSettingChanged(chat_schemas::PresenceSettingChanged { hidden });
+                self.user_setting(id, body).await
+            }
             command => self.on_command(id, command).await,
+        }
+    }
+
+    /// The current members of `chat` if the user is one of them; else the
+    /// error to answer (`unknown_chat`, `not_member`, `unavailable`).
+    async fn members_of(&mut self, chat: Uuid) -> Result<Vec<String>, (ErrorCode, String)> {
+        let history = self.shared.history.as_ref();
+        let members = history
+            .members(chat)
+            .await
+            .map_err(|e| sync::store_error(&e))?;
+        if members.iter().any(|(u, _, _)| *u == self.user) {
+            self.members.insert(chat, Instant::now());
+            return Ok(members.into_iter().map(|(u, _, _)| u).collect());
+        }
+        match history.chat(chat).await {
+            Ok(Some(_)) => Err((
+                ErrorCode::NotMember,
+                "you are not a member of this chat".into(),
+            )),
+            Ok(None) => Err((ErrorCode::UnknownChat, "no such chat".into())),
+            Err(e) => Err(sync::store_error(&e)),
+        }
+    }
+
+    /// `watch`: the chats open on this connection. Presence of their other
+    /// members, typing and receipts of those chats flow to it from now on;
+    /// the answer is the members' current presence.
+    async fn on_watch(&mut self, id: FrameId, chats: Vec<Uuid>) -> Result<(), Stop> {
+        let mut users: Vec<String> = Vec::new();
+        for chat in &chats {
+            match self.members_of(*chat).await {
+                Ok(members) => users.extend(members),
+                Err((code, message)) => return self.error(id, code, message).await,
+            }
+        }
+        users.sort();
+        users.dedup();
+        users.retain(|u| *u != self.user);
+        if let Ok(mut w) = self.handle.watching.write() {
+            *w = chats.into_iter().collect();
+        }
+        self.shared.hub.watch(&self.handle, users.clone());
+        let rows = match self.shared.history.presence_of(&users).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                let (code, message) = sync::store_error(&e);
+                return self.error(id, code, message).await;
+            }
+        };
+        let users = users
+            .into_iter()
+            .map(|user| {
+                let row = rows.iter().find(|r| r.user == user);
+                protocol::PresenceJson {
+                    status: row.map_or("offline".into(), |r| r.status.clone()),
+                    last_seen: row.and_then(|r| r.last_seen_ms),
+                    user,
+                }
+            })
+            .collect();
+        self.frame(ServerFrame::Presence { id, users }).await
+    }
+
+    /// `typing`: appended to `chat.ephemeral` (never history) for the router
+    /// to deliver to the members watching the chat. No answer unless refused.
+    async fn on_typing(&mut self, id: FrameId, chat: Uuid, active: bool) -> Result<(), Stop> {
+        let shared = self.shared.clone();
+        let limits = &shared.config.limits;
+        let interval = ms(limits.typing_interval_ms);
+        if self
+            .typing_at
+            .get(&chat)
+            .is_some_and(|t| t.elapsed() < interval)
+        {
+            return self
+                .error(
+                    id,
+                    ErrorCode::RateLimited,
+                    format!(
+                        "at most one typing frame per chat every {} ms",
+                        limits.typing_interval_ms
+                    ),
+                )
+                .await;
+        }
+        let known = self
+            .members
+            .get(&chat)
+            .is_some_and(|t| t.elapsed() < MEMBER_CACHE);
+        if !known {
+            if let Err((code, message)) = self.members_of(chat).await {
+                return self.error(id, code, message).await;
+            }
+        }
+        self.typing_at.insert(chat, Instant::now());
+        if self.typing_at.len() > 1024 {
+            self.typing_at.retain(|_, t| t.elapsed() < interval);
+        }
+        let s = &self.shared;
+        let mut env = s.session_envelope(
+            &self.user,
+            &self.device,
+            Body::Typing(chat_schemas::Typing {
+                active,
+                expires_at: now_ms() + limits.typing_ttl_ms as i64,
+            }),
+        );
+        env.chat_id = Some(chat);
+        let key = chat.to_string();
+        let sent = tokio::time::timeout(
+            ms(s.config.timeouts.ack_ms),
+            s.producer.send(&s.topics.ephemeral, &key, &env),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            return self
+                .error(
+                    id,
+                    ErrorCode::Unavailable,
+                    "typing could not be sent; retry",
+                )
+                .await;
+        }
+        Ok(())
+    }
+
+    /// `receipts`: every member's read and delivery pointers in a chat.
+    async fn on_receipts(&mut self, id: FrameId, chat: Uuid) -> Result<(), Stop> {
+        let members = match self.members_of(chat).await {
+            Ok(m) => m,
+            Err((code, message)) => return self.error(id, code, message).await,
+        };
+        let rows = match self.shared.history.receipts(chat).await {
+            Ok(r) => r,
+            Err(e) => {
+                let (code, message) = sync::store_error(&e);
+                return self.error(id, code, message).await;
+            }
+        };
+        let members = members
+            .into_iter()
+            .map(|user| {
+                rows.iter().find(|r| r.user == user).cloned().unwrap_or(
+                    chat_projectors::store::ReceiptRow {
+                        user,
+                        read_seq: 0,
+                        delivered_seq: 0,
+                    },
+                )
+            })
+            .collect();
+        self.frame(ServerFrame::Receipts { id, chat, members })
+            .await
+    }
+
+    /// `devices`: the user's devices.
+    async fn on_devices(&mut self, id: FrameId) -> Result<(), Stop> {
+        let rows = match self.shared.history.devices(&self.user).await {
+            Ok(r) => r,
+            Err(e) => {
+                let (code, message) = sync::store_error(&e);
+                return self.error(id, code, message).await;
+            }
+        };
+        let online = self.shared.hub.devices_online(&self.user);
+        let devices = rows
+            .into_iter()
+            .map(|d| protocol::DeviceJson {
+                online: online.contains(&d.device),
+                current: d.device == self.device,
+                device: d.device,
+                first_seen: d.first_seen,
+                last_seen: d.last_seen,
+                revoked_at: d.revoked_at,
+            })
+            .collect();
+        self.frame(ServerFrame::Devices { id, devices }).await
+    }
+
+    /// Appends a user-scoped setting (`DeviceRevoked`,
+    /// `PresenceSettingChanged`) to `chat.sessions`; answers `ok`.
+    async fn user_setting(&mut self, id: FrameId, body: Body) -> Result<(), Stop> {
+        if !self.shared.limiter.try_acquire(&self.user) {
+            return self
+                .error(id, ErrorCode::RateLimited, "too many commands; slow down")
+                .await;
+        }
+        let s = &self.shared;
+        let env = s.session_envelope(&self.user, &self.device, body);
+        let sent = tokio::time::timeout(
+            ms(s.config.timeouts.ack_ms),
+            s.producer.send(&s.topics.sessions, &self.user, &env),
+        )
+        .await;
+        if matches!(sent, Ok(Ok(_))) {
+            self.frame(ServerFrame::Ok { id }).await
+        } else {
+            self.error(id, ErrorCode::Unavailable, "not stored; retry")
+                .await
         }
     }
 
@@ -908,6 +1148,23 @@ impl Session {
                     reason: RemovalReason::Left,
                 }),
             ),
+            ClientFrame::Receipt {
+                chat,
+                up_to_seq,
+                delivered,
+                client_msg_id,
+            } => (
+                chat,
+                client_msg_id,
+                if delivered {
+                    Body::DeliveryReceipt(chat_schemas::DeliveryReceipt {
+                        up_to_seq,
+                        device: self.device.clone(),
+                    })
+                } else {
+                    Body::ReadReceipt(chat_schemas::ReadReceipt { up_to_seq })
+                },
+            ),
             _ => return None,
         })
     }
@@ -935,7 +1192,10 @@ impl Session {
                 )
                 .await;
         }
-        if !self.shared.limiter.try_acquire(&self.user) {
+        // Receipts are bounded by max_pending_commands and only ever move a
+        // pointer forward; they do not use up the user's send budget.
+        let is_receipt = matches!(frame, ClientFrame::Receipt { .. });
+        if !is_receipt && !self.shared.limiter.try_acquire(&self.user) {
             return self
                 .error(id, ErrorCode::RateLimited, "too many commands; slow down")
                 .await;

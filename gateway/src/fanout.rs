@@ -16,14 +16,14 @@
 
 use chat_log::{ConsumedEvent, TailItem, TopicTail, HEADER_RECIPIENTS};
 use chat_schemas::{Body, CommandResult};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::metrics::{GatewayMetrics, TypeLabel};
-use crate::protocol::{close, EventJson};
+use crate::protocol::{close, EventJson, PresenceJson, ServerFrame};
 
 /// Closes one connection: the first reason wins; every task of the
 /// connection watches [`Closer::cancelled`].
@@ -95,6 +95,11 @@ pub enum ResultMsg {
 pub struct ConnHandle {
     pub conn_id: u64,
     pub session_id: Uuid,
+    /// The connection's device.
+    pub device: String,
+    /// The chats the connection watches (`watch`): typing and other members'
+    /// receipts of these chats are delivered to it.
+    pub watching: Arc<RwLock<HashSet<Uuid>>>,
     pub events: mpsc::Sender<LiveEvent>,
     pub results: mpsc::Sender<ResultMsg>,
     pub closer: Closer,
@@ -107,7 +112,11 @@ pub struct Hub {
     users: RwLock<HashMap<String, Vec<ConnHandle>>>,
     pending: Mutex<HashMap<Uuid, ConnHandle>>,
     routed: Mutex<HashMap<Uuid, oneshot::Sender<Vec<u64>>>>,
-    metrics: Arc<GatewayMetrics>,
+    /// Presence watchers: watched user -> connections watching them.
+    watchers: RwLock<HashMap<String, HashMap<u64, ConnHandle>>>,
+    /// Per connection, the users it watches (to undo a watch).
+    watched: Mutex<HashMap<u64, Vec<String>>>,
+    pub(crate) metrics: Arc<GatewayMetrics>,
 }
 
 impl Hub {
@@ -117,6 +126,8 @@ impl Hub {
             users: RwLock::default(),
             pending: Mutex::default(),
             routed: Mutex::default(),
+            watchers: RwLock::default(),
+            watched: Mutex::default(),
             metrics,
         }
     }
@@ -154,6 +165,110 @@ impl Hub {
         }
         if let Ok(mut r) = self.routed.lock() {
             r.remove(&session_id);
+        }
+        self.unwatch(conn_id);
+    }
+
+    /// Makes `conn` watch the presence of `users` (replacing what it watched).
+    pub fn watch(&self, conn: &ConnHandle, users: Vec<String>) {
+        self.unwatch(conn.conn_id);
+        if let Ok(mut w) = self.watchers.write() {
+            for u in &users {
+                w.entry(u.clone())
+                    .or_default()
+                    .insert(conn.conn_id, conn.clone());
+            }
+        }
+        if let Ok(mut w) = self.watched.lock() {
+            w.insert(conn.conn_id, users);
+        }
+    }
+
+    fn unwatch(&self, conn_id: u64) {
+        let Some(users) = self
+            .watched
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(&conn_id))
+        else {
+            return;
+        };
+        if let Ok(mut w) = self.watchers.write() {
+            for u in users {
+                if let Some(conns) = w.get_mut(&u) {
+                    conns.remove(&conn_id);
+                    if conns.is_empty() {
+                        w.remove(&u);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers a window's presence changes: one `presence` frame per
+    /// watching connection with the changes of the users it watches. Users
+    /// nobody here watches cost nothing. Returns the frames sent.
+    pub fn presence_batch(&self, changes: &[PresenceJson]) -> usize {
+        let mut per_conn: HashMap<u64, (ConnHandle, Vec<PresenceJson>)> = HashMap::new();
+        if let Ok(w) = self.watchers.read() {
+            for change in changes {
+                for (id, conn) in w.get(&change.user).into_iter().flatten() {
+                    per_conn
+                        .entry(*id)
+                        .or_insert_with(|| (conn.clone(), Vec::new()))
+                        .1
+                        .push(change.clone());
+                }
+            }
+        }
+        let n = per_conn.len();
+        for (conn, users) in per_conn.into_values() {
+            let frame = ServerFrame::Presence { id: None, users }.to_json();
+            self.offer(&conn, Uuid::nil(), frame.into());
+        }
+        n
+    }
+
+    /// Whether `user` has a connection from `device` here.
+    pub fn devices_online(&self, user: &str) -> HashSet<String> {
+        self.users
+            .read()
+            .map(|u| {
+                u.get(user)
+                    .into_iter()
+                    .flatten()
+                    .map(|c| c.device.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Closes every connection of `user`'s `device` (it was revoked).
+    pub fn close_device(&self, user: &str, device: &str) -> usize {
+        let Ok(users) = self.users.read() else {
+            return 0;
+        };
+        let mut n = 0;
+        for conn in users.get(user).into_iter().flatten() {
+            if conn.device == device {
+                conn.closer.close(close::DEVICE_REVOKED, "device revoked");
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Queues a frame without a seq for one connection (4008 when full).
+    fn offer(&self, conn: &ConnHandle, chat: Uuid, frame: Arc<str>) {
+        let live = LiveEvent {
+            chat,
+            seq: None,
+            frame,
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = conn.events.try_send(live) {
+            if !conn.closer.is_closed() {
+                conn.closer.close(close::SLOW_CONSUMER, "event queue full");
+            }
         }
     }
 
@@ -217,8 +332,86 @@ impl Hub {
                     let _ = tx.send(r.router_offsets.clone());
                 }
             }
-            Body::SessionOpened(_) | Body::SessionClosed(_) | Body::PushTask(_) => {}
+            Body::DeviceRevoked(r) => {
+                let n = self.close_device(&envelope.sender_user, &r.device_id);
+                tracing::info!(user = %envelope.sender_user, device = %r.device_id, connections = n, "device revoked");
+            }
+            Body::Typing(_) | Body::ReadReceipt(_) | Body::DeliveryReceipt(_) => {
+                self.fan_out_signal(record)
+            }
+            Body::SessionOpened(_)
+            | Body::SessionClosed(_)
+            | Body::PushTask(_)
+            | Body::GatewayHeartbeat(_)
+            | Body::PresenceSettingChanged(_)
+            | Body::PresenceChanged(_) => {}
             _ => self.fan_out(record),
+        }
+    }
+
+    /// Typing indicators and receipts: not chat history (no seq). Typing
+    /// goes to the recipients' connections watching the chat (not back to
+    /// the typing device); a receipt to every device of its author (their
+    /// unread counts) and to the other members' connections watching the
+    /// chat (delivered/read marks).
+    fn fan_out_signal(&self, record: &ConsumedEvent) {
+        let e = &record.envelope;
+        let (Some(chat), Some(recipients)) = (e.chat_id, record.header(HEADER_RECIPIENTS)) else {
+            return;
+        };
+        let (frame, is_typing) = match &e.body {
+            Body::Typing(t) => (
+                ServerFrame::Typing {
+                    chat,
+                    user: e.sender_user.clone(),
+                    device: e.sender_device.clone(),
+                    active: t.active,
+                    expires_at: t.expires_at,
+                },
+                true,
+            ),
+            body => {
+                let Some((device, up_to_seq)) = body.receipt() else {
+                    return;
+                };
+                (
+                    ServerFrame::Receipt {
+                        chat,
+                        user: e.sender_user.clone(),
+                        device: device.unwrap_or(&e.sender_device).to_string(),
+                        kind: if device.is_some() {
+                            "delivered"
+                        } else {
+                            "read"
+                        },
+                        up_to_seq,
+                        ts: e.sequenced_ts.unwrap_or(e.server_ts),
+                    },
+                    false,
+                )
+            }
+        };
+        let frame: Arc<str> = frame.to_json().into();
+        let Ok(users) = self.users.read() else {
+            return;
+        };
+        for user in recipients
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let own = user == e.sender_user;
+            for conn in users.get(user).into_iter().flatten() {
+                let watching = conn.watching.read().is_ok_and(|w| w.contains(&chat));
+                let wanted = if is_typing {
+                    watching && !(own && conn.device == e.sender_device)
+                } else {
+                    own || watching
+                };
+                if wanted {
+                    self.offer(conn, chat, frame.clone());
+                }
+            }
         }
     }
 
@@ -266,6 +459,58 @@ impl Hub {
 }
 
 /// Tails the deliveries partition into `hub` until `stop` fires.
+/// Tails `chat.presence` (every partition, from its end) and delivers each
+/// window's changes to the connections watching those users
+/// ([`Hub::presence_batch`]): within a window only a user's latest state
+/// counts.
+pub async fn run_presence_tail(
+    tail: TopicTail,
+    hub: Arc<Hub>,
+    window: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut batch: HashMap<String, PresenceJson> = HashMap::new();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let flush_at = deadline;
+        let item = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = async { tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)).await }, if flush_at.is_some() => {
+                let changes: Vec<PresenceJson> = batch.drain().map(|(_, p)| p).collect();
+                let frames = hub.presence_batch(&changes);
+                hub.metrics.presence_frames.inc_by(frames as u64);
+                deadline = None;
+                continue;
+            }
+            item = tail.next() => item,
+        };
+        match item {
+            Ok(TailItem::Event(record)) => {
+                if let Body::PresenceChanged(p) = &record.envelope.body {
+                    let status = match p.status {
+                        chat_schemas::PresenceStatus::Online => "online",
+                        chat_schemas::PresenceStatus::Offline => "offline",
+                    };
+                    batch.insert(
+                        p.user_id.clone(),
+                        PresenceJson {
+                            user: p.user_id.clone(),
+                            status: status.into(),
+                            last_seen: p.last_seen,
+                        },
+                    );
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + window);
+                }
+            }
+            Ok(TailItem::Undecodable { .. }) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading chat.presence failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
 pub async fn run_tail(
     tail: TopicTail,
     hub: Arc<Hub>,
@@ -332,6 +577,8 @@ mod tests {
             ConnHandle {
                 conn_id: id,
                 session_id: Uuid::new_v4(),
+                device: "d".into(),
+                watching: Arc::default(),
                 events: etx,
                 results: rtx,
                 closer: Closer::new(),

@@ -3,7 +3,9 @@
 //! without Cassandra. Production: [`chat_projectors::store::Store`]. Tests
 //! and tools: [`MemoryHistory`].
 
-use chat_projectors::store::{ChatRow, MessageRow, Store, StoreError, UserChatRow};
+use chat_projectors::store::{
+    ChatRow, DeviceRow, MessageRow, PresenceRow, ReceiptRow, Store, StoreError, UserChatRow,
+};
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +41,23 @@ pub trait HistoryReader: Send + Sync + 'static {
     ) -> BoxFuture<'_, StoreResult<Vec<MessageRow>>>;
     /// `chat.events` partition -> next offset fully projected by `projector`.
     fn progress<'a>(&'a self, projector: &'a str) -> BoxFuture<'a, StoreResult<HashMap<i32, i64>>>;
+    /// The current members of a chat as `(user, role, joined_seq)`.
+    fn members(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>>;
+    /// Members' read and delivery pointers in a chat.
+    fn receipts(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<ReceiptRow>>>;
+    /// The latest presence of each of `users` that has one.
+    fn presence_of<'a>(
+        &'a self,
+        users: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Vec<PresenceRow>>>;
+    /// The devices of `user`.
+    fn devices<'a>(&'a self, user: &'a str) -> BoxFuture<'a, StoreResult<Vec<DeviceRow>>>;
+    /// One device of `user`.
+    fn device<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<DeviceRow>>>;
 }
 
 impl HistoryReader for Store {
@@ -66,6 +85,28 @@ impl HistoryReader for Store {
     }
     fn progress<'a>(&'a self, projector: &'a str) -> BoxFuture<'a, StoreResult<HashMap<i32, i64>>> {
         Store::progress(self, projector).boxed()
+    }
+    fn members(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>> {
+        Store::members(self, chat).boxed()
+    }
+    fn receipts(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<ReceiptRow>>> {
+        Store::receipts(self, chat).boxed()
+    }
+    fn presence_of<'a>(
+        &'a self,
+        users: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Vec<PresenceRow>>> {
+        Store::presence_of(self, users).boxed()
+    }
+    fn devices<'a>(&'a self, user: &'a str) -> BoxFuture<'a, StoreResult<Vec<DeviceRow>>> {
+        Store::devices(self, user).boxed()
+    }
+    fn device<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<DeviceRow>>> {
+        Store::device(self, user, device).boxed()
     }
 }
 
@@ -262,6 +303,38 @@ impl HistoryReader for MemoryHistory {
                 .unwrap_or_default()
         });
         futures::future::ready(r).boxed()
+    }
+    fn members(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>> {
+        let r = self.check().map(|()| {
+            let mut out: Vec<(String, String, u64)> = Vec::new();
+            for (user, chats) in &self.lock().user_chats {
+                if let Some(row) = chats.get(&chat).filter(|r| r.left_seq.is_none()) {
+                    out.push((user.clone(), row.role.clone(), row.joined_seq));
+                }
+            }
+            out.sort();
+            out
+        });
+        futures::future::ready(r).boxed()
+    }
+    fn receipts(&self, _chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<ReceiptRow>>> {
+        futures::future::ready(self.check().map(|()| Vec::new())).boxed()
+    }
+    fn presence_of<'a>(
+        &'a self,
+        _users: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Vec<PresenceRow>>> {
+        futures::future::ready(self.check().map(|()| Vec::new())).boxed()
+    }
+    fn devices<'a>(&'a self, _user: &'a str) -> BoxFuture<'a, StoreResult<Vec<DeviceRow>>> {
+        futures::future::ready(self.check().map(|()| Vec::new())).boxed()
+    }
+    fn device<'a>(
+        &'a self,
+        _user: &'a str,
+        _device: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<DeviceRow>>> {
+        futures::future::ready(self.check().map(|()| None)).boxed()
     }
 }
 

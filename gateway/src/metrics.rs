@@ -53,6 +53,8 @@ pub struct GatewayMetrics {
     pub gap_fills: Counter,
     pub deliveries: Family<TypeLabel, Counter>,
     pub connection_panics: Counter,
+    /// `presence` frames sent to watchers (batched changes).
+    pub presence_frames: Counter,
 }
 
 impl GatewayMetrics {
@@ -71,6 +73,7 @@ impl GatewayMetrics {
             sync_events: Counter::default(),
             settle_events: Counter::default(),
             live_duplicates_dropped: Counter::default(),
+            presence_frames: Counter::default(),
             gap_fills: Counter::default(),
             deliveries: Family::default(),
             connection_panics: Counter::default(),
@@ -121,6 +124,11 @@ impl GatewayMetrics {
             "settle_events",
             "Events sent by the second looks at history after a sync",
             m.settle_events.clone(),
+        );
+        registry.register(
+            "presence_frames",
+            "Batched presence frames sent to watching connections",
+            m.presence_frames.clone(),
         );
         registry.register(
             "live_duplicates_dropped",

@@ -36,6 +36,8 @@ pub mod close {
     pub const AUTH_EXPIRED: u16 = 4001;
     /// Nothing received for `timeouts.idle_ms`.
     pub const IDLE: u16 = 4002;
+    /// The device was revoked by its user.
+    pub const DEVICE_REVOKED: u16 = 4003;
     /// The client did not read fast enough; its queue filled up.
     pub const SLOW_CONSUMER: u16 = 4008;
     /// Too many malformed or invalid frames in a row.
@@ -54,6 +56,8 @@ pub enum ErrorCode {
     Forbidden,
     GroupFull,
     RateLimited,
+    StaleReceipt,
+    SeqOutOfRange,
     Unavailable,
     Internal,
 }
@@ -69,6 +73,8 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::GroupFull,
         ErrorCode::RateLimited,
+        ErrorCode::StaleReceipt,
+        ErrorCode::SeqOutOfRange,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -84,6 +90,8 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::GroupFull => "group_full",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::StaleReceipt => "stale_receipt",
+            ErrorCode::SeqOutOfRange => "seq_out_of_range",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -171,6 +179,31 @@ pub enum ClientFrame {
     },
     Chats,
     Ping,
+    /// The chats this connection has open (replaces the earlier set).
+    Watch {
+        chats: Vec<Uuid>,
+    },
+    Typing {
+        chat: Uuid,
+        active: bool,
+    },
+    /// A read (`delivered == false`) or delivery receipt.
+    Receipt {
+        chat: Uuid,
+        up_to_seq: u64,
+        delivered: bool,
+        client_msg_id: Option<String>,
+    },
+    Receipts {
+        chat: Uuid,
+    },
+    Devices,
+    RevokeDevice {
+        device: String,
+    },
+    PresenceSettings {
+        hidden: bool,
+    },
 }
 
 impl ClientFrame {
@@ -187,6 +220,16 @@ impl ClientFrame {
             ClientFrame::Sync { .. } => "sync",
             ClientFrame::Chats => "chats",
             ClientFrame::Ping => "ping",
+            ClientFrame::Watch { .. } => "watch",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Receipt {
+                delivered: false, ..
+            } => "read",
+            ClientFrame::Receipt { .. } => "delivered",
+            ClientFrame::Receipts { .. } => "receipts",
+            ClientFrame::Devices => "devices",
+            ClientFrame::RevokeDevice { .. } => "revoke_device",
+            ClientFrame::PresenceSettings { .. } => "presence_settings",
         }
     }
 }
@@ -194,6 +237,7 @@ impl ClientFrame {
 /// Limits that parsing enforces.
 #[derive(Clone, Copy, Debug)]
 pub struct ParseLimits {
+    pub max_watched_chats: usize,
     pub max_text_bytes: usize,
     pub max_history_limit: u32,
     pub max_group_members: u32,
@@ -253,6 +297,45 @@ struct HistoryBody {
     after: Option<u64>,
     #[serde(default)]
     limit: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct WatchBody {
+    chats: Vec<Uuid>,
+}
+
+#[derive(Deserialize)]
+struct TypingBody {
+    chat: Uuid,
+    #[serde(default = "yes")]
+    active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+struct ReceiptBody {
+    chat: Uuid,
+    up_to_seq: u64,
+    #[serde(default)]
+    client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatBody {
+    chat: Uuid,
+}
+
+#[derive(Deserialize)]
+struct DeviceBody {
+    device: String,
+}
+
+#[derive(Deserialize)]
+struct PresenceSettingsBody {
+    hidden: bool,
 }
 
 #[derive(Deserialize)]
@@ -504,6 +587,57 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
         }
         "chats" => Ok(ClientFrame::Chats),
         "heartbeat" | "ping" => Ok(ClientFrame::Ping),
+        "watch" => {
+            let b: WatchBody = fields(kind, body)?;
+            let mut chats = b.chats;
+            chats.sort();
+            chats.dedup();
+            if chats.len() > limits.max_watched_chats {
+                return Err(FrameError::new(
+                    ErrorCode::TooLarge,
+                    format!("watch at most {} chats", limits.max_watched_chats),
+                ));
+            }
+            Ok(ClientFrame::Watch { chats })
+        }
+        "typing" => {
+            let b: TypingBody = fields(kind, body)?;
+            Ok(ClientFrame::Typing {
+                chat: b.chat,
+                active: b.active,
+            })
+        }
+        "read" | "delivered" => {
+            let b: ReceiptBody = fields(kind, body)?;
+            check_opt_client_msg_id(&b.client_msg_id)?;
+            if b.up_to_seq == 0 {
+                return Err(FrameError::new(
+                    ErrorCode::SeqOutOfRange,
+                    "up_to_seq is a seq (>= 1)",
+                ));
+            }
+            Ok(ClientFrame::Receipt {
+                chat: b.chat,
+                up_to_seq: b.up_to_seq,
+                delivered: kind == "delivered",
+                client_msg_id: b.client_msg_id,
+            })
+        }
+        "receipts" => {
+            let b: ChatBody = fields(kind, body)?;
+            Ok(ClientFrame::Receipts { chat: b.chat })
+        }
+        "devices" => Ok(ClientFrame::Devices),
+        "revoke_device" => {
+            let b: DeviceBody = fields(kind, body)?;
+            crate::auth::validate_device(&b.device)
+                .map_err(|e| FrameError::new(ErrorCode::Invalid, e))?;
+            Ok(ClientFrame::RevokeDevice { device: b.device })
+        }
+        "presence_settings" => {
+            let b: PresenceSettingsBody = fields(kind, body)?;
+            Ok(ClientFrame::PresenceSettings { hidden: b.hidden })
+        }
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(FrameError::new(
@@ -607,6 +741,10 @@ pub struct HelloLimits {
     pub send_burst: f64,
     pub idle_timeout_ms: u64,
     pub ack_timeout_ms: u64,
+    pub heartbeat_interval_ms: u64,
+    pub max_watched_chats: usize,
+    pub typing_interval_ms: u64,
+    pub typing_ttl_ms: u64,
 }
 
 /// One chat of the `chats` answer.
@@ -620,7 +758,32 @@ pub struct ChatSummary {
     pub left_seq: Option<u64>,
     pub last_seq: Option<u64>,
     pub last_read_seq: Option<u64>,
+    /// Events after the read pointer (within the user's membership).
+    pub unread: u64,
     pub muted: bool,
+}
+
+/// One user's presence, as `presence` frames list it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PresenceJson {
+    pub user: String,
+    /// `online` or `offline`.
+    pub status: String,
+    /// Last time online (ms), when known and not hidden.
+    pub last_seen: Option<i64>,
+}
+
+/// One device of the user, as `devices` lists it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeviceJson {
+    pub device: String,
+    pub first_seen: Option<i64>,
+    pub last_seen: Option<i64>,
+    pub revoked_at: Option<i64>,
+    /// Connected to this gateway now.
+    pub online: bool,
+    /// The device asking.
+    pub current: bool,
 }
 
 /// Server frames other than `event` (which is pre-serialized, see [`EventJson::frame`]).
@@ -672,6 +835,43 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: FrameId,
         chats: Vec<ChatSummary>,
+        unread_total: u64,
+    },
+    Presence {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        users: Vec<PresenceJson>,
+    },
+    Typing {
+        chat: Uuid,
+        user: String,
+        device: String,
+        active: bool,
+        expires_at: i64,
+    },
+    Receipt {
+        chat: Uuid,
+        user: String,
+        device: String,
+        /// `read` or `delivered`.
+        kind: &'static str,
+        up_to_seq: u64,
+        ts: i64,
+    },
+    Receipts {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        chat: Uuid,
+        members: Vec<chat_projectors::store::ReceiptRow>,
+    },
+    Devices {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
+        devices: Vec<DeviceJson>,
+    },
+    Ok {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: FrameId,
     },
     Pong {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -707,6 +907,12 @@ impl ServerFrame {
             ServerFrame::History { .. } => "history",
             ServerFrame::Synced { .. } => "synced",
             ServerFrame::Chats { .. } => "chats",
+            ServerFrame::Presence { .. } => "presence",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Receipt { .. } => "receipt",
+            ServerFrame::Receipts { .. } => "receipts",
+            ServerFrame::Devices { .. } => "devices",
+            ServerFrame::Ok { .. } => "ok",
             ServerFrame::Pong { .. } => "pong",
             ServerFrame::Reconnect { .. } => "reconnect",
         }
@@ -727,6 +933,7 @@ mod tests {
     use chat_schemas::{Body, MessageKind, MessageSent};
 
     const L: ParseLimits = ParseLimits {
+        max_watched_chats: 4,
         max_text_bytes: 10,
         max_history_limit: 100,
         max_group_members: 3,

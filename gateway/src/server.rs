@@ -262,6 +262,26 @@ async fn start(
         tail_stop.clone(),
     ));
 
+    // Presence changes of watched users (chat.presence, every partition).
+    let presence_tail = TopicTail::open(
+        &config.log,
+        registry.clone(),
+        &topics.presence,
+        None,
+        TailStart::End,
+    )
+    .await?;
+    tokio::spawn(fanout::run_presence_tail(
+        presence_tail,
+        hub.clone(),
+        ms(config.timeouts.presence_batch_ms),
+        tail_stop.clone(),
+    ));
+    // Announce this instance before any session: the presence service then
+    // closes whatever sessions an earlier process with this id left behind.
+    let instance = Uuid::new_v4();
+    gateway_heartbeat(&producer, &topics, &config, instance).await?;
+
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let shared = Arc::new(Shared {
@@ -289,6 +309,7 @@ async fn start(
 
     let gateway_id = shared.config.gateway_id.clone();
     let task = tokio::spawn(serve(
+        instance,
         shared,
         listener,
         app,
@@ -317,7 +338,41 @@ fn router(shared: Arc<Shared>, health: Health, metrics: chat_runtime::Metrics) -
         .merge(chat_runtime::admin::admin_router(health, metrics))
 }
 
+/// Writes `GatewayHeartbeat` to every `chat.sessions` partition: the
+/// presence service expires the sessions of a gateway whose heartbeats stop.
+async fn gateway_heartbeat(
+    producer: &EventProducer,
+    topics: &Topics,
+    config: &GatewayConfig,
+    instance: Uuid,
+) -> anyhow::Result<()> {
+    let body = chat_schemas::GatewayHeartbeat {
+        gateway_id: config.gateway_id.clone(),
+        instance_id: instance,
+        interval_ms: config.timeouts.gateway_heartbeat_ms,
+    };
+    let env = Envelope {
+        event_id: Uuid::new_v4(),
+        chat_id: None,
+        seq: None,
+        sender_user: String::new(),
+        sender_device: String::new(),
+        client_msg_id: None,
+        client_ts: None,
+        server_ts: now_ms(),
+        sequenced_ts: None,
+        trace_id: Uuid::new_v4().simple().to_string(),
+        body: EventBody::GatewayHeartbeat(body),
+    };
+    let sends = (0..config.log.chat_partitions)
+        .map(|p| producer.send_with(&topics.sessions, Some(p), &config.gateway_id, &env, &[]));
+    futures::future::try_join_all(sends).await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn serve(
+    instance: Uuid,
     shared: Arc<Shared>,
     listener: tokio::net::TcpListener,
     app: Router,
@@ -326,6 +381,21 @@ async fn serve(
     tail_task: tokio::task::JoinHandle<()>,
 ) -> anyhow::Result<()> {
     let header_timeout = ms(shared.config.timeouts.header_read_ms);
+    let heartbeats = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ms(shared.config.timeouts.gateway_heartbeat_ms));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let beat =
+                    gateway_heartbeat(&shared.producer, &shared.topics, &shared.config, instance);
+                if let Err(e) = beat.await {
+                    tracing::warn!(error = %e, "gateway heartbeat not written");
+                }
+            }
+        })
+    };
     let limiter_sweep = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -377,6 +447,7 @@ async fn serve(
     }
     drop(listener);
     limiter_sweep.abort();
+    heartbeats.abort();
 
     // Drain: every session sends `reconnect`, closes with 1001 and produces
     // its SessionClosed; leftovers are closed here.
@@ -497,6 +568,31 @@ async fn ws_handler(State(shared): State<Arc<Shared>>, mut req: Request) -> Resp
             return reject(StatusCode::BAD_REQUEST, "invalid_device", e);
         }
     };
+    match shared.history.device(&who.user, &device).await {
+        Ok(Some(d)) => {
+            if let Some(revoked_at) = d.revoked_at {
+                let issued_ms = who.issued_at.map(|s| (s as i64).saturating_mul(1000));
+                if issued_ms.is_none_or(|t| t <= revoked_at) {
+                    m.rejected("device_revoked");
+                    return reject(
+                        StatusCode::UNAUTHORIZED,
+                        "device_revoked",
+                        "this device was revoked; sign in again to get a new token",
+                    );
+                }
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "device check failed");
+            m.rejected("unavailable");
+            return reject(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the device check failed; retry",
+            );
+        }
+    }
     if m.connections.get()
         >= i64::try_from(shared.config.limits.max_connections).unwrap_or(i64::MAX)
     {

@@ -408,7 +408,13 @@ pub async fn chat_list(
         .zip(chats)
         .map(|(r, chat)| {
             let chat = chat?;
+            let end = r
+                .left_seq
+                .or(chat.as_ref().map(|c| c.last_seq))
+                .unwrap_or(0);
+            let read_from = r.last_read_seq.max(r.joined_seq.saturating_sub(1));
             Ok(ChatSummary {
+                unread: end.saturating_sub(read_from),
                 chat: r.chat_id,
                 kind: chat.as_ref().map(|c| c.kind.clone()),
                 title: chat.as_ref().and_then(|c| c.title.clone()),

@@ -7,6 +7,7 @@
 //! | `chat.events` | chat id | sequenced events: the source of truth, kept forever |
 //! | `chat.sessions` | user id | session opened / closed, the delivery router's registry |
 //! | `chat.presence` | user id | presence changes (compacted: the latest per user) |
+//! | `chat.ephemeral` | chat id | typing indicators: routed to watchers, never stored in history (1 hour) |
 //! | `chat.deliveries` | gateway id | events routed to the gateways holding recipients |
 //! | `chat.push` | user id | push tasks for users with no live session |
 //! | `chat.dlq` | original key | records that could not be decoded or handled, with their origin in headers |
@@ -40,6 +41,7 @@ pub struct Topics {
     pub events: String,
     pub sessions: String,
     pub presence: String,
+    pub ephemeral: String,
     pub deliveries: String,
     pub push: String,
     pub dlq: String,
@@ -54,6 +56,7 @@ impl Topics {
             events: format!("{p}chat.events"),
             sessions: format!("{p}chat.sessions"),
             presence: format!("{p}chat.presence"),
+            ephemeral: format!("{p}chat.ephemeral"),
             deliveries: format!("{p}chat.deliveries"),
             push: format!("{p}chat.push"),
             dlq: format!("{p}chat.dlq"),
@@ -75,6 +78,7 @@ impl Topics {
             spec(&self.events, chat, "delete", -1),
             spec(&self.sessions, chat, "delete", 7 * DAY_MS),
             spec(&self.presence, chat, "compact", -1),
+            spec(&self.ephemeral, chat, "delete", 3_600_000),
             spec(&self.deliveries, chat, "delete", DAY_MS),
             spec(&self.push, chat, "delete", 7 * DAY_MS),
             spec(&self.dlq, 1, "delete", 30 * DAY_MS),

@@ -19,4 +19,5 @@
 #![forbid(unsafe_code)]
 
 pub mod history;
+pub mod presence;
 pub mod store;

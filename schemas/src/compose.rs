@@ -48,6 +48,9 @@ avsc_files![
     "CommandOutcome",
     "CommandResult",
     "SessionRouted",
+    "GatewayHeartbeat",
+    "PresenceSettingChanged",
+    "DeviceRevoked",
 ];
 
 /// Full name of the root record.

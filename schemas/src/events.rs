@@ -274,6 +274,36 @@ avro_record! {
     }
 }
 
+avro_record! {
+    /// `chat.v1.GatewayHeartbeat`: a gateway is alive (on every `chat.sessions` partition).
+    GatewayHeartbeat {
+        /// The gateway.
+        gateway_id: String,
+        /// Random per gateway process.
+        instance_id: Uuid,
+        /// How often this gateway sends heartbeats.
+        interval_ms: u64,
+    }
+}
+
+avro_record! {
+    /// `chat.v1.PresenceSettingChanged`: a user hid or showed their presence.
+    PresenceSettingChanged {
+        /// True: the user appears offline with no last-seen time.
+        hidden: bool,
+    }
+}
+
+avro_record! {
+    /// `chat.v1.DeviceRevoked`: a user revoked one of their devices.
+    DeviceRevoked {
+        /// The revoked device.
+        device_id: String,
+        /// When (ms since epoch); tokens issued before are refused.
+        revoked_at: i64,
+    }
+}
+
 avro_union! {
     /// The `body` union of [`Envelope`]: exactly one event. Variant order is
     /// the union order of the schema; new variants are only ever appended.
@@ -295,6 +325,9 @@ avro_union! {
         PushTask,
         CommandResult,
         SessionRouted,
+        GatewayHeartbeat,
+        PresenceSettingChanged,
+        DeviceRevoked,
     }
 }
 
@@ -323,6 +356,20 @@ avro_record! {
         trace_id: String,
         /// The event.
         body: Body,
+    }
+}
+
+impl Body {
+    /// The pointer a receipt moves, if this is one: `(device, up_to_seq)`,
+    /// with `device` `None` for a read receipt (read pointers are per user,
+    /// delivery pointers per device). Receipts are ordered in a chat's
+    /// partition but take no seq.
+    pub fn receipt(&self) -> Option<(Option<&str>, u64)> {
+        match self {
+            Body::ReadReceipt(r) => Some((None, r.up_to_seq)),
+            Body::DeliveryReceipt(r) => Some((Some(r.device.as_str()), r.up_to_seq)),
+            _ => None,
+        }
     }
 }
 

@@ -153,6 +153,21 @@ fn body() -> impl Strategy<Value = Body> {
             }
         ),
         session_routed(),
+        (text(), uuid(), seq()).prop_map(|(gateway_id, instance_id, interval_ms)| {
+            Body::GatewayHeartbeat(GatewayHeartbeat {
+                gateway_id,
+                instance_id,
+                interval_ms,
+            })
+        }),
+        any::<bool>()
+            .prop_map(|hidden| Body::PresenceSettingChanged(PresenceSettingChanged { hidden })),
+        (text(), ts()).prop_map(
+            |(device_id, revoked_at)| Body::DeviceRevoked(DeviceRevoked {
+                device_id,
+                revoked_at
+            })
+        ),
     ]
 }
 

@@ -23,6 +23,7 @@ pub enum Role {
     Sequencer,
     Router,
     History,
+    Presence,
     Gateway,
 }
 
@@ -32,6 +33,7 @@ impl Role {
             Role::Sequencer => "chat-sequencer",
             Role::Router => "chat-router",
             Role::History => "chat-history",
+            Role::Presence => "chat-presence",
             Role::Gateway => "chat-gateway",
         }
     }
@@ -66,6 +68,8 @@ pub struct Options {
     /// `{listen}` in a value becomes that gateway's own address (e.g.
     /// `CHAT_ALLOWED_ORIGINS=http://{listen}` for the browser app it serves).
     pub gateway_env: Vec<(String, String)>,
+    /// Extra environment for the presence services (e.g. `CHAT_GATEWAY_TTL_MS`).
+    pub presence_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -75,6 +79,7 @@ impl Default for Options {
             workers: 2,
             profile: "debug",
             gateway_env: Vec::new(),
+            presence_env: Vec::new(),
         }
     }
 }
@@ -146,7 +151,7 @@ impl Platform {
             options,
         };
         for i in 0..workers {
-            for role in [Role::Sequencer, Role::Router, Role::History] {
+            for role in [Role::Sequencer, Role::Router, Role::History, Role::Presence] {
                 me.add(role, i)?;
             }
         }
@@ -189,6 +194,16 @@ impl Platform {
                 env.push(("CHAT_GROUP_ID".into(), format!("{prefix}history")));
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
                 env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+            }
+            Role::Presence => {
+                env.push(("CHAT_GROUP_ID".into(), format!("{prefix}presence")));
+                env.push((
+                    "CHAT_TABLE_GROUP_ID".into(),
+                    format!("{prefix}presence-table"),
+                ));
+                env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
+                env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+                env.extend(self.options.presence_env.iter().cloned());
             }
             Role::Gateway => {
                 env.push(("CHAT_GATEWAY_ID".into(), format!("{prefix}gw{i}")));

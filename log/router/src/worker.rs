@@ -125,7 +125,18 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         &topics.events,
     )
     .await?;
-    let mut members: HashMap<i32, PartitionState> = HashMap::new();
+    // Shared with the typing router, which uses the membership of the
+    // partitions this instance owns.
+    let members: Members = Arc::new(Mutex::new(HashMap::new()));
+    let ephemeral_task = tokio::spawn(follow_ephemeral(
+        config.log.clone(),
+        registry.clone(),
+        members.clone(),
+        sessions.clone(),
+        producer.clone(),
+        topics.clone(),
+        shutdown.clone(),
+    ));
     let token = shutdown.token();
     let linger = Duration::from_micros(config.batch_linger_us);
     while let Some(batch) = consumer
@@ -133,7 +144,8 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         .await?
     {
         let p = batch.partition;
-        if batch.fresh || !members.contains_key(&p) {
+        let known = lock(&members).contains_key(&p);
+        if batch.fresh || !known {
             let state = rebuild(
                 &config.log,
                 registry.clone(),
@@ -142,32 +154,35 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
                 batch.first_offset(),
             )
             .await?;
-            members.insert(p, state);
+            lock(&members).insert(p, state);
         }
-        let Some(state) = members.get_mut(&p) else {
-            continue;
-        };
         let mut out = Vec::new();
-        for rec in &batch.records {
-            let BatchRecord::Event(ev) = rec else {
-                tracing::warn!(
-                    partition = p,
-                    offset = rec.offset(),
-                    "undecodable event skipped"
-                );
+        {
+            let mut guard = lock(&members);
+            let Some(state) = guard.get_mut(&p) else {
                 continue;
             };
-            metrics.events.inc();
-            route(
-                &ev.envelope,
-                state,
-                &sessions,
-                p,
-                ev.offset,
-                &topics,
-                config.log.chat_partitions,
-                &mut out,
-            );
+            for rec in &batch.records {
+                let BatchRecord::Event(ev) = rec else {
+                    tracing::warn!(
+                        partition = p,
+                        offset = rec.offset(),
+                        "undecodable event skipped"
+                    );
+                    continue;
+                };
+                metrics.events.inc();
+                route(
+                    &ev.envelope,
+                    state,
+                    &sessions,
+                    p,
+                    ev.offset,
+                    &topics,
+                    config.log.chat_partitions,
+                    &mut out,
+                );
+            }
         }
         let n = out.len() as u64;
         let sent = producer.send_batch(out).await;
@@ -178,7 +193,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             }
             Err(e) => {
                 tracing::warn!(partition = p, error = %e, "routing failed; retrying the batch");
-                members.remove(&p);
+                lock(&members).remove(&p);
                 if let Ok(mut s) = sessions.lock() {
                     s.forget_partition(p);
                 }
@@ -188,9 +203,99 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
     }
     tracing::info!("router stopping");
     sessions_task.abort();
+    ephemeral_task.abort();
     producer.flush(Duration::from_secs(5)).await.ok();
     admin.await.ok();
     Ok(())
+}
+
+/// Membership of the `chat.events` partitions this instance owns.
+type Members = Arc<Mutex<HashMap<i32, PartitionState>>>;
+
+fn lock(members: &Members) -> std::sync::MutexGuard<'_, HashMap<i32, PartitionState>> {
+    // A panic while holding it leaves consistent maps (no partial updates).
+    members.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Routes typing indicators (`chat.ephemeral`, keyed by chat like
+/// `chat.events`, so a chat has the same partition number in both) to the
+/// gateways holding the chat's members. Every instance reads every
+/// partition and routes those whose `chat.events` partition it owns; during
+/// a rebalance an indicator may be dropped or routed twice (it is ephemeral).
+/// Stale ones (past `expires_at`) and ones from non-members are dropped.
+async fn follow_ephemeral(
+    config: LogConfig,
+    registry: Arc<SchemaRegistry>,
+    members: Members,
+    sessions: Arc<Mutex<Sessions>>,
+    producer: EventProducer,
+    topics: Topics,
+    shutdown: Shutdown,
+) {
+    let tail = match TopicTail::open(&config, registry, &topics.ephemeral, None, TailStart::End)
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read chat.ephemeral: typing indicators are not routed");
+            return;
+        }
+    };
+    loop {
+        let item = tokio::select! {
+            _ = shutdown.wait() => return,
+            i = tail.next() => i,
+        };
+        let ev = match item {
+            Ok(TailItem::Event(ev)) => ev,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "chat.ephemeral read failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let e = &ev.envelope;
+        let (Some(chat), Body::Typing(t)) = (e.chat_id, &e.body) else {
+            continue;
+        };
+        if t.expires_at < now_ms() {
+            continue;
+        }
+        let recipients: Vec<String> = {
+            let guard = lock(&members);
+            let Some(state) = guard.get(&ev.partition).and_then(|s| s.chat(&chat)) else {
+                continue;
+            };
+            if !state.members.contains_key(&e.sender_user) {
+                continue;
+            }
+            state.members.keys().cloned().collect()
+        };
+        let targets = match sessions.lock() {
+            Ok(s) => s.gateways_of(&recipients),
+            Err(_) => continue,
+        };
+        let out: Vec<Outgoing> = targets
+            .into_iter()
+            .map(|(gateway, users)| Outgoing {
+                topic: topics.deliveries.clone(),
+                partition: Some(deliveries_partition(&gateway, config.chat_partitions)),
+                key: gateway,
+                envelope: e.clone(),
+                headers: vec![(HEADER_RECIPIENTS.into(), users.join(",").into_bytes())],
+            })
+            .collect();
+        if let Err(err) = producer.send_batch(out).await {
+            tracing::debug!(error = %err, "typing indicator not routed");
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Appends the delivery records of one event to `out`.
@@ -257,7 +362,19 @@ async fn rebuild(
     Ok(state)
 }
 
-fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<(Uuid, String, String)> {
+/// What a session-registry record asks of the router besides updating it.
+enum SessionAction {
+    /// A new session: answer `SessionRouted` to its gateway.
+    Opened {
+        session_id: Uuid,
+        gateway: String,
+        user: String,
+    },
+    /// A device was revoked: tell the gateways holding the user.
+    Revoked { gateways: Vec<String>, user: String },
+}
+
+fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<SessionAction> {
     let TailItem::Event(ev) = item else {
         return None;
     };
@@ -266,11 +383,22 @@ fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<(Uuid, S
     match &e.body {
         Body::SessionOpened(o) => {
             s.open(&e.sender_user, o.session_id, &o.gateway_id);
-            Some((o.session_id, o.gateway_id.clone(), e.sender_user.clone()))
+            Some(SessionAction::Opened {
+                session_id: o.session_id,
+                gateway: o.gateway_id.clone(),
+                user: e.sender_user.clone(),
+            })
         }
         Body::SessionClosed(c) => {
             s.close(&e.sender_user, &c.session_id);
             None
+        }
+        Body::DeviceRevoked(_) => {
+            let users = [e.sender_user.clone()];
+            Some(SessionAction::Revoked {
+                gateways: s.gateways_of(&users).into_iter().map(|(g, _)| g).collect(),
+                user: e.sender_user.clone(),
+            })
         }
         _ => None,
     }
@@ -298,30 +426,43 @@ async fn follow_sessions(
                 continue;
             }
         };
-        let opened = apply_session(&sessions, &item);
+        let action = apply_session(&sessions, &item);
         let offsets = sessions.lock().map(|s| {
             metrics.sessions.set(s.users() as i64);
             s.offsets(partitions)
         });
-        let (Some((session_id, gateway, user)), Ok(router_offsets)) = (opened, offsets) else {
+        let (Some(action), Ok(router_offsets), TailItem::Event(ev)) = (action, offsets, &item)
+        else {
             continue;
         };
-        let TailItem::Event(ev) = &item else { continue };
-        let mut answer = ev.envelope.clone();
-        answer.event_id = Uuid::new_v4();
-        answer.body = Body::SessionRouted(SessionRouted {
-            session_id,
-            router_offsets,
-        });
-        let out = Outgoing {
+        let to_gateway = |gateway: String, user: &str, envelope: Envelope| Outgoing {
             topic: topics.deliveries.clone(),
             partition: Some(deliveries_partition(&gateway, partitions)),
             key: gateway,
-            envelope: answer,
-            headers: vec![(HEADER_RECIPIENTS.into(), user.into_bytes())],
+            envelope,
+            headers: vec![(HEADER_RECIPIENTS.into(), user.as_bytes().to_vec())],
         };
-        if let Err(e) = producer.send_batch(vec![out]).await {
-            tracing::warn!(error = %e, "could not send SessionRouted");
+        let out = match action {
+            SessionAction::Opened {
+                session_id,
+                gateway,
+                user,
+            } => {
+                let mut answer = ev.envelope.clone();
+                answer.event_id = Uuid::new_v4();
+                answer.body = Body::SessionRouted(SessionRouted {
+                    session_id,
+                    router_offsets,
+                });
+                vec![to_gateway(gateway, &user, answer)]
+            }
+            SessionAction::Revoked { gateways, user } => gateways
+                .into_iter()
+                .map(|g| to_gateway(g, &user, ev.envelope.clone()))
+                .collect(),
+        };
+        if let Err(e) = producer.send_batch(out).await {
+            tracing::warn!(error = %e, "could not write to a gateway's deliveries");
         }
     }
 }

@@ -43,6 +43,19 @@ pub struct ChatState {
     pub members: HashMap<String, Role>,
     pub last_seq: u64,
     pub max_members: u32,
+    /// Read pointer of each member: the highest seq they read (their own
+    /// messages count as read). Only moves forward.
+    pub read: HashMap<String, u64>,
+    /// Delivery pointer of each (member, device): the highest seq the device
+    /// received. Only moves forward.
+    pub delivered: HashMap<(String, String), u64>,
+}
+
+impl ChatState {
+    /// The read pointer of `user` (0: nothing read).
+    pub fn read_of(&self, user: &str) -> u64 {
+        self.read.get(user).copied().unwrap_or(0)
+    }
 }
 
 type DedupeKey = (Uuid, String, String, String);
@@ -100,11 +113,25 @@ impl PartitionState {
         self.chats.len()
     }
 
-    /// Folds one sequenced event into the state.
+    /// Folds one event of `chat.events` into the state: a sequenced event,
+    /// or a receipt (receipts are ordered in the partition but take no seq,
+    /// so unread counts are `last_seq - read pointer`).
     pub fn apply(&mut self, ev: &Envelope) {
-        let (Some(chat), Some(seq)) = (ev.chat_id, ev.seq) else {
+        let Some(chat) = ev.chat_id else { return };
+        if let Some((device, up_to)) = ev.body.receipt() {
+            if let Some(state) = self.chats.get_mut(&chat) {
+                let pointer = match device {
+                    None => state.read.entry(ev.sender_user.clone()).or_default(),
+                    Some(d) => state
+                        .delivered
+                        .entry((ev.sender_user.clone(), d.to_string()))
+                        .or_default(),
+                };
+                *pointer = (*pointer).max(up_to);
+            }
             return;
-        };
+        }
+        let Some(seq) = ev.seq else { return };
         if let Some(key) = dedupe_key(ev) {
             self.dedupe.insert(key, seq);
         }
@@ -118,6 +145,8 @@ impl PartitionState {
                     .collect(),
                 last_seq: 0,
                 max_members: c.max_members,
+                read: HashMap::new(),
+                delivered: HashMap::new(),
             });
         }
         let Some(state) = self.chats.get_mut(&chat) else {
@@ -125,6 +154,11 @@ impl PartitionState {
         };
         state.last_seq = state.last_seq.max(seq);
         match &ev.body {
+            Body::MessageSent(_) | Body::ChatCreated(_) => {
+                // What you send (or create) you have read.
+                let read = state.read.entry(ev.sender_user.clone()).or_default();
+                *read = (*read).max(seq);
+            }
             Body::MemberAdded(m) => {
                 state.members.insert(m.user_id.clone(), m.role);
             }
@@ -219,17 +253,10 @@ impl PartitionState {
             Body::ReactionChanged(r) if !target_ok(r.target_seq) => {
                 return reject("invalid", "target_seq does not exist")
             }
-            Body::ReadReceipt(r) if !target_ok(r.up_to_seq) => {
-                return reject("invalid", "up_to_seq does not exist yet")
+            Body::ReadReceipt(_) | Body::DeliveryReceipt(_) => {
+                return decide_receipt(cmd, chat, now_ms);
             }
-            Body::DeliveryReceipt(r) if !target_ok(r.up_to_seq) => {
-                return reject("invalid", "up_to_seq does not exist yet")
-            }
-            Body::MessageEdited(_)
-            | Body::MessageDeleted(_)
-            | Body::ReactionChanged(_)
-            | Body::ReadReceipt(_)
-            | Body::DeliveryReceipt(_) => {}
+            Body::MessageEdited(_) | Body::MessageDeleted(_) | Body::ReactionChanged(_) => {}
             Body::MemberAdded(m) => {
                 if !is_group || !is_admin {
                     return reject("forbidden", "only a group's admins add members");
@@ -271,6 +298,52 @@ impl PartitionState {
         }
         append(cmd.body.clone(), next)
     }
+}
+
+/// A receipt moves a pointer forward or is refused; it takes no seq.
+fn decide_receipt(cmd: &Envelope, chat: &ChatState, now_ms: i64) -> Decision {
+    let Some((device, up_to)) = cmd.body.receipt() else {
+        return reject("invalid", "not a receipt");
+    };
+    if device.is_some_and(|d| d != cmd.sender_device) {
+        return reject("invalid", "a delivery receipt names the sending device");
+    }
+    if !(1..=chat.last_seq).contains(&up_to) {
+        return reject(
+            "seq_out_of_range",
+            format!(
+                "up_to_seq {up_to} does not exist (the chat's last seq is {})",
+                chat.last_seq
+            ),
+        );
+    }
+    let current = match device {
+        None => chat.read_of(&cmd.sender_user),
+        Some(d) => chat
+            .delivered
+            .get(&(cmd.sender_user.clone(), d.to_string()))
+            .copied()
+            .unwrap_or(0),
+    };
+    match up_to.cmp(&current) {
+        std::cmp::Ordering::Greater => {
+            let mut ev = cmd.clone();
+            ev.seq = None;
+            ev.sequenced_ts = Some(now_ms);
+            Decision::Append(Box::new(ev))
+        }
+        std::cmp::Ordering::Equal => Decision::Duplicate { seq: current },
+        std::cmp::Ordering::Less => reject(
+            "stale_receipt",
+            format!("the pointer is already at {current}; it only moves forward"),
+        ),
+    }
+}
+
+/// The seq a command's result carries: the event's seq, or for a receipt the
+/// pointer it moved to.
+pub fn result_seq(ev: &Envelope) -> Option<u64> {
+    ev.seq.or_else(|| ev.body.receipt().map(|(_, up_to)| up_to))
 }
 
 /// Validates and normalises a create: the creator is a member (an admin of a
@@ -615,6 +688,129 @@ mod tests {
             for seqs in appended.values() {
                 let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
                 proptest::prop_assert_eq!(seqs, &expected);
+            }
+        }
+    }
+
+    fn receipt(chat: Uuid, user: &str, device: &str, up_to: u64, read: bool) -> Envelope {
+        let body = if read {
+            Body::ReadReceipt(chat_schemas::ReadReceipt { up_to_seq: up_to })
+        } else {
+            Body::DeliveryReceipt(chat_schemas::DeliveryReceipt {
+                up_to_seq: up_to,
+                device: device.into(),
+            })
+        };
+        let mut e = cmd(chat, user, "r", body);
+        e.client_msg_id = None;
+        e.sender_device = device.into();
+        e
+    }
+
+    #[test]
+    fn receipts_take_no_seq_and_only_move_forward() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let c = Uuid::new_v4();
+        s.sequence(&cmd(c, "a", "g", group(&["b"])), &l, 1);
+        for i in 0..3 {
+            s.sequence(&cmd(c, "a", &format!("m{i}"), text("x")), &l, 1);
+        }
+        // b read up to 3: appended without a seq; the chat's last seq stays 4.
+        match s.sequence(&receipt(c, "b", "p", 3, true), &l, 1) {
+            Decision::Append(e) => {
+                assert_eq!(e.seq, None);
+                assert_eq!(result_seq(&e), Some(3));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.chat(&c).unwrap().last_seq, 4);
+        assert_eq!(s.chat(&c).unwrap().read_of("b"), 3);
+        // Backward: refused; the same pointer again: a duplicate.
+        let back = s.sequence(&receipt(c, "b", "p", 2, true), &l, 1);
+        assert_eq!(code_of(&back), "stale_receipt");
+        assert_eq!(
+            s.sequence(&receipt(c, "b", "p", 3, true), &l, 1),
+            Decision::Duplicate { seq: 3 }
+        );
+        // Not yet existing, zero, non-member, unknown chat.
+        assert_eq!(
+            code_of(&s.sequence(&receipt(c, "b", "p", 5, true), &l, 1)),
+            "seq_out_of_range"
+        );
+        assert_eq!(
+            code_of(&s.sequence(&receipt(c, "b", "p", 0, false), &l, 1)),
+            "seq_out_of_range"
+        );
+        assert_eq!(
+            code_of(&s.sequence(&receipt(c, "z", "p", 1, true), &l, 1)),
+            "not_member"
+        );
+        assert_eq!(
+            code_of(&s.sequence(&receipt(Uuid::new_v4(), "b", "p", 1, true), &l, 1)),
+            "unknown_chat"
+        );
+        // Delivery pointers are per device and must name the sending device.
+        assert!(matches!(
+            s.sequence(&receipt(c, "b", "p", 4, false), &l, 1),
+            Decision::Append(_)
+        ));
+        assert!(matches!(
+            s.sequence(&receipt(c, "b", "q", 2, false), &l, 1),
+            Decision::Append(_)
+        ));
+        let mut forged = receipt(c, "b", "q", 3, false);
+        forged.sender_device = "p".into();
+        assert_eq!(code_of(&s.sequence(&forged, &l, 1)), "invalid");
+        // The sender's own message moves their read pointer.
+        s.sequence(&cmd(c, "b", "mb", text("y")), &l, 1);
+        assert_eq!(s.chat(&c).unwrap().read_of("b"), 5);
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of sends by two users and read receipts from two
+        /// devices of one user, delivered out of order: the read pointer
+        /// never moves back, every accepted receipt moves it strictly
+        /// forward, and the unread count (`last_seq - read`) equals the
+        /// number of events after the highest read seq the user saw
+        /// accepted, whatever device reads it.
+        #[test]
+        fn read_pointers_only_move_forward_and_unread_is_exact(
+            ops in proptest::collection::vec((0u8..4, 0u64..40), 1..150)
+        ) {
+            let (mut s, l) = (PartitionState::default(), Limits::default());
+            let c = Uuid::new_v4();
+            s.sequence(&cmd(c, "a", "g", group(&["b"])), &l, 1);
+            let mut model_read = 0u64; // b's pointer in the model
+            let mut last = 1u64;
+            for (i, (op, n)) in ops.into_iter().enumerate() {
+                let before = s.chat(&c).unwrap().read_of("b");
+                match op {
+                    0 => { s.sequence(&cmd(c, "a", &format!("a{i}"), text("x")), &l, 1); last += 1; }
+                    1 => {
+                        s.sequence(&cmd(c, "b", &format!("b{i}"), text("x")), &l, 1);
+                        last += 1;
+                        model_read = last;
+                    }
+                    _ => {
+                        let device = if op == 2 { "phone" } else { "laptop" };
+                        let d = s.sequence(&receipt(c, "b", device, n, true), &l, 1);
+                        match d {
+                            Decision::Append(_) => {
+                                proptest::prop_assert!(n > before && n <= last);
+                                model_read = n;
+                            }
+                            Decision::Duplicate { seq } => proptest::prop_assert_eq!(seq, before),
+                            Decision::Reject { code, .. } => proptest::prop_assert!(
+                                (code == "stale_receipt" && n < before)
+                                    || (code == "seq_out_of_range" && (n == 0 || n > last))
+                            ),
+                        }
+                    }
+                }
+                let chat = s.chat(&c).unwrap();
+                proptest::prop_assert!(chat.read_of("b") >= before);
+                proptest::prop_assert_eq!(chat.read_of("b"), model_read);
+                proptest::prop_assert_eq!(chat.last_seq, last);
             }
         }
     }

@@ -355,7 +355,7 @@ fn sequence_batch(
                     envelope: (**event).clone(),
                     headers: Vec::new(),
                 })));
-                (event.seq, None, None)
+                (crate::state::result_seq(event), None, None)
             }
             Decision::Duplicate { seq } => (Some(*seq), None, None),
             Decision::Reject { code, reason } => {

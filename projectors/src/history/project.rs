@@ -102,7 +102,7 @@ impl Projector {
     ) -> Result<Projected, ProjectError> {
         self.follow(partition, offset);
         let Some(seq) = event.seq else {
-            return Ok(Projected::Unsequenced);
+            return self.project_receipt(event).await;
         };
         let chat = event
             .chat_id
@@ -169,12 +169,14 @@ impl Projector {
                     .set_member_role(chat, &m.user_id, m.role.symbol(), seq)
                     .await?;
             }
-            Body::ReadReceipt(r) => {
-                store
-                    .mark_read(&event.sender_user, chat, r.up_to_seq)
-                    .await?;
-            }
             _ => {}
+        }
+        if matches!(event.body, Body::MessageSent(_) | Body::ChatCreated(_)) {
+            // What you send you have read (the sequencer's rule too).
+            futures::try_join!(
+                store.mark_read(&event.sender_user, chat, seq),
+                store.put_receipt(chat, &event.sender_user, seq, false),
+            )?;
         }
         store
             .put_message(&message_row(event, chat, seq, at))
@@ -198,6 +200,25 @@ impl Projector {
             },
         );
         Ok(Projected::Written { markers })
+    }
+
+    /// A receipt (ordered in the partition, no seq): moves the reader's
+    /// pointers. Nothing goes to `messages`: receipts are not history.
+    async fn project_receipt(&self, event: &Envelope) -> Result<Projected, ProjectError> {
+        let (Some(chat), Some((device, up_to))) = (event.chat_id, event.body.receipt()) else {
+            return Ok(Projected::Unsequenced);
+        };
+        let store = &self.store;
+        let user = &event.sender_user;
+        if device.is_none() {
+            futures::try_join!(
+                store.mark_read(user, chat, up_to),
+                store.put_receipt(chat, user, up_to, false),
+            )?;
+        } else {
+            store.put_receipt(chat, user, up_to, true).await?;
+        }
+        Ok(Projected::Written { markers: 0 })
     }
 
     /// Forgets the cached chats of `partition` unless `offset` follows (or

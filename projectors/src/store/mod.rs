@@ -8,13 +8,17 @@ mod chats;
 mod config;
 mod error;
 mod messages;
+mod presence;
 mod progress;
+mod receipts;
 mod schema;
 
 pub use chats::{floor_to_second, ChatRow, UserChatRow};
 pub use config::{Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
+pub use presence::{DeviceRow, PresenceRow};
+pub use receipts::ReceiptRow;
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
 
 use futures::TryStreamExt;
@@ -39,6 +43,8 @@ pub struct Store {
     prepared: Arc<OnceCell<messages::Prepared>>,
     chats: Arc<OnceCell<chats::Prepared>>,
     progress: Arc<OnceCell<progress::Prepared>>,
+    receipts: Arc<OnceCell<receipts::Prepared>>,
+    presence: Arc<OnceCell<presence::Prepared>>,
 }
 
 /// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
@@ -69,6 +75,8 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         prepared: Arc::default(),
         chats: Arc::default(),
         progress: Arc::default(),
+        receipts: Arc::default(),
+        presence: Arc::default(),
     })
 }
 

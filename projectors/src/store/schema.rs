@@ -81,6 +81,25 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY ((projector), partition)
         ) WITH comment = 'per projector and chat.events partition: every event before next_offset is written'",
     ],
+}, Migration {
+    version: 3,
+    description: "receipts, presence and devices",
+    statements: &[
+        // Each pointer cell is written USING TIMESTAMP <up_to_seq>: it only moves forward.
+        "CREATE TABLE IF NOT EXISTS {ks}.chat_receipts (
+            chat_id uuid, user_id text, read_seq bigint, delivered_seq bigint,
+            PRIMARY KEY ((chat_id), user_id)
+        ) WITH comment = 'per chat and member: read pointer, and the highest delivery pointer of their devices'",
+        // Projected from chat.presence, written USING TIMESTAMP <the record's time in us>.
+        "CREATE TABLE IF NOT EXISTS {ks}.presence (
+            user_id text PRIMARY KEY, status text, last_seen timestamp
+        ) WITH comment = 'latest presence per user (from chat.presence); a hidden user is offline with no last_seen'",
+        "CREATE TABLE IF NOT EXISTS {ks}.user_devices (
+            user_id text, device_id text, first_seen timestamp, last_seen timestamp,
+            revoked_at timestamp,
+            PRIMARY KEY ((user_id), device_id)
+        ) WITH comment = 'devices of a user (from chat.sessions); tokens issued before revoked_at are refused'",
+    ],
 }];
 
 /// What [`Store::migrate`] did.

@@ -95,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
     chat_runtime::telemetry::init(chat_runtime::telemetry::LogFormat::Pretty);
     let per_gateway = args.connections.div_ceil(args.gateways) + 100;
     let options = Options {
+        presence_env: Vec::new(),
         gateways: args.gateways,
         workers: 1,
         profile: "release",
