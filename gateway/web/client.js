@@ -54,7 +54,7 @@ const OPTIONAL = ["watch", "typing", "read", "delivered", "receipts"];
 
 const PING_EVERY_MS = 10_000;
 const PONG_WITHIN_MS = 8_000;
-const TYPING_EVERY_MS = 3_000;
+const TYPING_EVERY_MS = 3_000; // hello.limits.typing_interval_ms when given
 const TYPING_SHOWN_MS = 6_000;
 
 class RequestError extends Error {
@@ -329,6 +329,9 @@ export class ChatClient extends EventTarget {
       case 4001:
         this.expire("Your session expired while connected. Sign in again.");
         return;
+      case 4003:
+        this.expire("This device was signed out (revoked) from another device. Sign in again.");
+        return;
       case 1001:
         this.attempt = 0;
         this.connectSoon(100, "The server is restarting. Reconnecting…");
@@ -478,6 +481,16 @@ export class ChatClient extends EventTarget {
     });
   }
 
+  /**
+   * Sends an optional frame that has no answer on success (typing): an
+   * `error` echoing its id switches the feature off when the gateway does
+   * not know the frame, and is otherwise ignored.
+   */
+  fire(feature, frame) {
+    if (!this.features[feature]) return;
+    this.raw({ ...frame, id: `f.${feature}.${this.nextId++}` });
+  }
+
   /** A request for an optional (issue-5) frame: null when the gateway does not know it. */
   async optional(feature, frame) {
     if (!this.features[feature]) return null;
@@ -538,6 +551,11 @@ export class ChatClient extends EventTarget {
         this.connectSoon(100, "The server is restarting. Reconnecting…");
         break;
       case "error":
+        if (typeof f.id === "string" && f.id.startsWith("f.")) {
+          // An answer to fire(): only "unknown frame" matters.
+          if (f.code === "unknown_type") this.features[f.id.split(".")[1]] = false;
+          break;
+        }
         if (f.code !== "stale_receipt") this.notice("error", explain(f.code, this.limits, f.message));
         break;
       default:
@@ -747,21 +765,37 @@ export class ChatClient extends EventTarget {
     this.emit("chat", id);
     this.watch();
     if (!this.synced) return;
-    if (!c.historyLoaded) {
-      try {
-        const h = await this.request({ type: "history", chat: id, limit: 50 });
-        for (const ev of h.events || []) this.applyEvent({ ...ev, chat: id }, false);
-        c.historyLoaded = true;
-        c.hasMore = !!h.has_more;
-        this.persistSoon();
-        this.emit("chats");
-        this.emit("chat", id);
-        this.markRead(id);
-      } catch (e) {
+    if (!c.historyLoaded && c.events.has(1) && c.events.size >= c.lastSeq) {
+      // Everything from the first event is here (e.g. a chat just created).
+      c.historyLoaded = true;
+      c.hasMore = false;
+    }
+    if (!c.historyLoaded) await this.loadNewest(c);
+    this.loadReceipts(id);
+  }
+
+  /** The newest page of a chat. A chat created a moment ago may not be readable yet: retried. */
+  async loadNewest(c, attempt = 0) {
+    try {
+      const h = await this.request({ type: "history", chat: c.id, limit: 50 });
+      for (const ev of h.events || []) this.applyEvent({ ...ev, chat: c.id }, false);
+      c.historyLoaded = true;
+      c.hasMore = !!h.has_more;
+      this.persistSoon();
+      this.emit("chats");
+      this.emit("chat", c.id);
+      this.markRead(c.id);
+    } catch (e) {
+      if (e.code === "unknown_chat" && attempt < 10 && this.synced) {
+        await new Promise((r) => setTimeout(r, 500 + attempt * 250));
+        if (!c.historyLoaded) return this.loadNewest(c, attempt + 1);
+        return undefined;
+      }
+      if (e.code !== "disconnected") {
         this.notice("error", `Could not load the chat: ${explain(e.code, this.limits, e.message)}`);
       }
     }
-    this.loadReceipts(id);
+    return undefined;
   }
 
   async loadReceipts(id) {
@@ -771,7 +805,6 @@ export class ChatClient extends EventTarget {
       const c = this.chat(id);
       for (const m of r.members || []) {
         c.receipts.set(m.user, { read: m.read_seq || 0, delivered: Math.max(m.delivered_seq || 0, m.read_seq || 0) });
-        if (!c.members.has(m.user)) c.members.set(m.user, m.role || "member");
       }
       this.emit("chat", id);
       this.emit("chats");
@@ -835,20 +868,30 @@ export class ChatClient extends EventTarget {
     const key = ids.join(",");
     if (key === this.watched) return;
     this.watched = key;
+    clearTimeout(this.timers.watch);
     try {
       await this.optional("watch", { type: "watch", chats: ids });
+      this.watchAttempt = 0;
     } catch {
+      // E.g. a chat created a moment ago is not known everywhere yet: try again.
       this.watched = null;
+      this.watchAttempt = (this.watchAttempt || 0) + 1;
+      if (this.synced) this.timers.watch = setTimeout(() => this.watch(), Math.min(10_000, 500 * this.watchAttempt));
     }
   }
 
   typing(id, active) {
     if (!this.synced || !this.features.typing) return;
     const now = Date.now();
-    if (active && now - this.lastTyping < TYPING_EVERY_MS) return;
-    if (!active && this.lastTyping === 0) return;
+    const every = Math.max(this.limits.typing_interval_ms || 0, TYPING_EVERY_MS);
+    if (active && now - this.lastTyping < every) return;
+    // Stopping is not worth a refusal: a sent message clears the indicator anyway.
+    if (!active && (this.lastTyping === 0 || now - this.lastTyping < (this.limits.typing_interval_ms || 1000))) {
+      if (!active) this.lastTyping = 0;
+      return;
+    }
     this.lastTyping = active ? now : 0;
-    this.optional("typing", { type: "typing", chat: id, active }).catch(() => {});
+    this.fire("typing", { type: "typing", chat: id, active });
   }
 
   markReadSoon(id) {
@@ -902,7 +945,6 @@ export class ChatClient extends EventTarget {
     };
     this.outbox.push(entry);
     this.persistOutbox();
-    this.lastTyping = Date.now();
     this.typing(id, false);
     this.emit("chat", id);
     this.flushOutbox();

@@ -58,6 +58,14 @@ async function user(name, gw, viewport = { width: 1100, height: 760 }) {
       problems.push(`${name} console ${m.type()} during ${step}: ${m.text()}`);
     }
   });
+  if (process.env.CHAT_BROWSER_DEBUG) {
+    // Every WebSocket frame, for debugging: CHAT_BROWSER_DEBUG=1.
+    page.on("websocket", (ws) => {
+      ws.on("framesent", (f) => log(`${name} >`, String(f.payload).slice(0, 300)));
+      ws.on("framereceived", (f) => log(`${name} <`, String(f.payload).slice(0, 300)));
+      ws.on("close", () => log(`${name} websocket closed`));
+    });
+  }
   await page.goto(gw);
   await page.fill("#login-user", name);
   await page.keyboard.press("Enter");
