@@ -10,6 +10,8 @@ import { clearSession, deviceFor, lastUser, loadSession, saveSession } from "./s
 const $ = (id) => document.getElementById(id);
 let client = null;
 let noticeTimer = null;
+/** The notice shows a connection problem (cleared when connected again). */
+let connNotice = false;
 
 const STATE_TEXT = {
   connecting: "connecting…",
@@ -45,6 +47,7 @@ function time(ms) {
 }
 
 function showNotice(text, level = "error", sticky = false) {
+  connNotice = false;
   $("notice-text").textContent = text;
   $("notice").dataset.level = level;
   $("notice").hidden = false;
@@ -155,12 +158,14 @@ function renderState() {
   conn.textContent = STATE_TEXT[s] ?? s;
   conn.title = client?.stateDetail || "";
   if (!client) return;
-  if (s === "offline" || s === "reconnecting") {
+  if (s === "offline" || s === "reconnecting" || (s === "connecting" && client.attempt > 0)) {
     showNotice(client.stateDetail || STATE_TEXT[s], "error", true);
-  } else if (s === "online" && $("notice").dataset.level === "error" && $("notice").dataset.conn === "1") {
+    connNotice = true;
+  } else if (connNotice && (s === "online" || s === "syncing")) {
+    // The connection is back: its warning goes.
     $("notice").hidden = true;
+    connNotice = false;
   }
-  $("notice").dataset.conn = s === "offline" || s === "reconnecting" ? "1" : "0";
 }
 
 // ---- chat list -----------------------------------------------------------------

@@ -19,6 +19,7 @@
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
+import { createInterface } from "node:readline";
 
 const GW0 = process.env.CHAT_GW0;
 const GW1 = process.env.CHAT_GW1 || GW0;
@@ -32,6 +33,18 @@ if (!GW0) {
 mkdirSync(ART, { recursive: true });
 
 const problems = [];
+/** Users whose gateway is down on purpose: the browser's own connection-refused errors are expected. */
+const gatewayDown = new Set();
+const rl = createInterface({ input: process.stdin });
+const stdinLines = rl[Symbol.asyncIterator]();
+
+/** Asks tests/tests/browser.rs to act on the platform (kill-gateway 1, restart-gateway 1). */
+async function control(cmd) {
+  console.log(`@@control ${cmd}`);
+  const r = await stdinLines.next();
+  if (r.done || r.value.trim() !== "done") throw new Error(`control ${cmd} not done: ${r.value}`);
+  log("platform:", cmd);
+}
 let step = "start";
 const t0 = Date.now();
 function log(...a) {
@@ -54,7 +67,8 @@ async function user(name, gw, viewport = { width: 1100, height: 760 }) {
   const page = await context.newPage();
   page.on("pageerror", (e) => problems.push(`${name} pageerror during ${step}: ${e.message}`));
   page.on("console", (m) => {
-    if (m.type() === "error" || m.type() === "warning") {
+    const expected = gatewayDown.has(name) && /ERR_CONNECTION_REFUSED|WebSocket connection to .* failed/.test(m.text());
+    if ((m.type() === "error" || m.type() === "warning") && !expected) {
       problems.push(`${name} console ${m.type()} during ${step}: ${m.text()}`);
     }
   });
@@ -219,6 +233,37 @@ try {
   check((await ann.page.$$('#messages .msg[data-state="pending"]')).length === 0, "ann's outbox is empty");
   await shot(ann, "05-caught-up");
 
+  step = "gateway down";
+  // bob's gateway dies: his page must say so, keep what he writes, and
+  // catch up once it is back.
+  gatewayDown.add("bob");
+  await control("kill-gateway 1");
+  await bob.page.waitForFunction(
+    () => /cannot reach the gateway/i.test(document.querySelector("#notice-text").textContent),
+    null,
+    { timeout: WAIT },
+  );
+  check(
+    ["reconnecting", "connecting"].includes(await bob.page.getAttribute("#conn", "data-state")),
+    "bob's page says the gateway cannot be reached and that it is reconnecting",
+  );
+  await shot(bob, "05b-gateway-down");
+  await sendText(ann, "while gw1 was down");
+  await waitTexts(ann, ["while gw1 was down"]);
+  await sendText(bob, "bob wrote during the outage");
+  await bob.page.waitForSelector('#messages .msg[data-state="pending"]:has-text("bob wrote during the outage")');
+  await control("restart-gateway 1");
+  await online(bob.page);
+  await waitTexts(bob, ["while gw1 was down", "bob wrote during the outage"], 60_000);
+  await waitTexts(ann, ["bob wrote during the outage"], 60_000);
+  check(
+    (await texts(ann)).filter((t) => t === "bob wrote during the outage").length === 1,
+    "after the gateway came back, bob caught up and his queued message arrived once",
+  );
+  await bob.page.waitForSelector("#notice", { state: "hidden", timeout: WAIT });
+  check(true, "the connection warning is gone once connected");
+  gatewayDown.delete("bob");
+
   step = "refused send";
   await sendText(ann, "x".repeat(5000));
   await ann.page.waitForSelector('#messages .msg[data-state="failed"][data-code="too_large"]', { timeout: WAIT });
@@ -305,3 +350,5 @@ if (failed || problems.length > 0) {
 }
 log(`screenshots in ${ART}`);
 console.log("1 passed, 0 failed");
+rl.close();
+process.exit(0);
