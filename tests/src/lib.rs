@@ -195,6 +195,7 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             device_id: "phone".into(),
             revoked_at: 1_767_225_600_000,
         }),
+        Body::MuteChanged(chat_schemas::MuteChanged { muted: true }),
     ];
     bodies
         .into_iter()

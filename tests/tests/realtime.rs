@@ -588,6 +588,29 @@ async fn read_pointers_only_move_forward_and_unread_counts_agree_on_every_device
         }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
+    // Muting on one device shows on the other; a muted chat still counts.
+    let m = phone
+        .request(json!({"type": "mute", "chat": chat, "muted": true}))
+        .await
+        .unwrap();
+    assert_eq!(
+        (&m["type"], &m["seq"]),
+        (&json!("ack"), &Value::Null),
+        "{m}"
+    );
+    let frames = listen(&mut laptop, Duration::from_secs(15), |v| {
+        v["type"] == "muted"
+    })
+    .await;
+    assert_eq!(frames.last().unwrap()["muted"], true, "{frames:?}");
+    let (e, total) = chat_entry(&mut laptop, &chat, |e| e["muted"] == true).await;
+    assert_eq!(
+        (&e["muted"], &e["unread"]),
+        (&json!(true), &json!(expected)),
+        "{e}"
+    );
+    assert_eq!(total, expected, "muted chats count");
+
     // Refused: a chat ann is not in; nothing stored.
     let no = phone
         .request(json!({"type": "read", "chat": not_mine, "up_to_seq": 1}))
