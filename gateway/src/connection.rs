@@ -1148,6 +1148,15 @@ impl Session {
                     reason: RemovalReason::Left,
                 }),
             ),
+            ClientFrame::Mute {
+                chat,
+                muted,
+                client_msg_id,
+            } => (
+                chat,
+                client_msg_id,
+                Body::MuteChanged(chat_schemas::MuteChanged { muted }),
+            ),
             ClientFrame::Receipt {
                 chat,
                 up_to_seq,
@@ -1276,7 +1285,7 @@ impl Session {
                     .ack_latency
                     .observe(p.started.elapsed().as_secs_f64());
                 match (r.outcome, r.seq) {
-                    (CommandOutcome::Accepted | CommandOutcome::Duplicate, Some(seq)) => {
+                    (CommandOutcome::Accepted | CommandOutcome::Duplicate, seq) => {
                         self.frame(ServerFrame::Ack {
                             id: p.id,
                             chat: p.chat,
@@ -1300,15 +1309,6 @@ impl Session {
                             chat: Some(p.chat),
                             client_msg_id: p.client_msg_id,
                         })
-                        .await
-                    }
-                    (_, None) => {
-                        tracing::error!(trace_id = %p.trace_id, "accepted command result without a seq");
-                        self.error(
-                            p.id,
-                            ErrorCode::Internal,
-                            "the sequencer answered without a seq",
-                        )
                         .await
                     }
                 }

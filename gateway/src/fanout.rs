@@ -339,6 +339,20 @@ impl Hub {
             Body::Typing(_) | Body::ReadReceipt(_) | Body::DeliveryReceipt(_) => {
                 self.fan_out_signal(record)
             }
+            Body::MuteChanged(m) => {
+                let Some(chat) = envelope.chat_id else { return };
+                let frame: Arc<str> = ServerFrame::Muted {
+                    chat,
+                    muted: m.muted,
+                }
+                .to_json()
+                .into();
+                if let Ok(users) = self.users.read() {
+                    for conn in users.get(&envelope.sender_user).into_iter().flatten() {
+                        self.offer(conn, chat, frame.clone());
+                    }
+                }
+            }
             Body::SessionOpened(_)
             | Body::SessionClosed(_)
             | Body::PushTask(_)

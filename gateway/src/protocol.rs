@@ -204,6 +204,11 @@ pub enum ClientFrame {
     PresenceSettings {
         hidden: bool,
     },
+    Mute {
+        chat: Uuid,
+        muted: bool,
+        client_msg_id: Option<String>,
+    },
 }
 
 impl ClientFrame {
@@ -230,6 +235,7 @@ impl ClientFrame {
             ClientFrame::Devices => "devices",
             ClientFrame::RevokeDevice { .. } => "revoke_device",
             ClientFrame::PresenceSettings { .. } => "presence_settings",
+            ClientFrame::Mute { .. } => "mute",
         }
     }
 }
@@ -331,6 +337,14 @@ struct ChatBody {
 #[derive(Deserialize)]
 struct DeviceBody {
     device: String,
+}
+
+#[derive(Deserialize)]
+struct MuteBody {
+    chat: Uuid,
+    muted: bool,
+    #[serde(default)]
+    client_msg_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -634,6 +648,15 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
                 .map_err(|e| FrameError::new(ErrorCode::Invalid, e))?;
             Ok(ClientFrame::RevokeDevice { device: b.device })
         }
+        "mute" => {
+            let b: MuteBody = fields(kind, body)?;
+            check_opt_client_msg_id(&b.client_msg_id)?;
+            Ok(ClientFrame::Mute {
+                chat: b.chat,
+                muted: b.muted,
+                client_msg_id: b.client_msg_id,
+            })
+        }
         "presence_settings" => {
             let b: PresenceSettingsBody = fields(kind, body)?;
             Ok(ClientFrame::PresenceSettings { hidden: b.hidden })
@@ -802,7 +825,8 @@ pub enum ServerFrame {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: FrameId,
         chat: Uuid,
-        seq: u64,
+        /// The command's seq; for `read`/`delivered` the pointer; null for `mute`.
+        seq: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         client_msg_id: Option<String>,
         server_ts: i64,
@@ -869,6 +893,11 @@ pub enum ServerFrame {
         id: FrameId,
         devices: Vec<DeviceJson>,
     },
+    /// A chat was muted or unmuted on one of the user's devices.
+    Muted {
+        chat: Uuid,
+        muted: bool,
+    },
     Ok {
         #[serde(skip_serializing_if = "Option::is_none")]
         id: FrameId,
@@ -912,6 +941,7 @@ impl ServerFrame {
             ServerFrame::Receipt { .. } => "receipt",
             ServerFrame::Receipts { .. } => "receipts",
             ServerFrame::Devices { .. } => "devices",
+            ServerFrame::Muted { .. } => "muted",
             ServerFrame::Ok { .. } => "ok",
             ServerFrame::Pong { .. } => "pong",
             ServerFrame::Reconnect { .. } => "reconnect",

@@ -62,18 +62,21 @@ async fn migrate_twice_applies_nothing_the_second_time() {
     with_store(|store| async move {
         let again = store.migrate(&Default::default()).await.unwrap();
         assert!(again.applied.is_empty());
-        assert_eq!(again.already, [1, 2]);
+        assert_eq!(again.already, [1, 2, 3]);
         store.require_migrated().await.unwrap();
         let tables = store.tables().await.unwrap();
         let expected = [
             "chat_members",
+            "chat_receipts",
             "chats",
             "direct_chats",
             "messages",
+            "presence",
             "projector_progress",
             "schema_migrations",
             "user_changes",
             "user_chats",
+            "user_devices",
         ];
         assert_eq!(tables, expected);
     })

@@ -51,6 +51,7 @@ avsc_files![
     "GatewayHeartbeat",
     "PresenceSettingChanged",
     "DeviceRevoked",
+    "MuteChanged",
 ];
 
 /// Full name of the root record.

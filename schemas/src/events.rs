@@ -304,6 +304,14 @@ avro_record! {
     }
 }
 
+avro_record! {
+    /// `chat.v1.MuteChanged`: a member muted or unmuted a chat for themselves.
+    MuteChanged {
+        /// True: no notifications for this chat.
+        muted: bool,
+    }
+}
+
 avro_union! {
     /// The `body` union of [`Envelope`]: exactly one event. Variant order is
     /// the union order of the schema; new variants are only ever appended.
@@ -328,6 +336,7 @@ avro_union! {
         GatewayHeartbeat,
         PresenceSettingChanged,
         DeviceRevoked,
+        MuteChanged,
     }
 }
 

@@ -168,6 +168,7 @@ fn body() -> impl Strategy<Value = Body> {
                 revoked_at
             })
         ),
+        any::<bool>().prop_map(|muted| Body::MuteChanged(MuteChanged { muted })),
     ]
 }
 

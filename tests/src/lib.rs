@@ -185,6 +185,17 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             session_id: Uuid::new_v4(),
             router_offsets: vec![0, 17, 4],
         }),
+        Body::GatewayHeartbeat(chat_schemas::GatewayHeartbeat {
+            gateway_id: "gw-1".into(),
+            instance_id: Uuid::new_v4(),
+            interval_ms: 3_000,
+        }),
+        Body::PresenceSettingChanged(chat_schemas::PresenceSettingChanged { hidden: true }),
+        Body::DeviceRevoked(chat_schemas::DeviceRevoked {
+            device_id: "phone".into(),
+            revoked_at: 1_767_225_600_000,
+        }),
+        Body::MuteChanged(chat_schemas::MuteChanged { muted: true }),
     ];
     bodies
         .into_iter()
@@ -192,7 +203,12 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
         .map(|(i, b)| {
             let user_scoped = matches!(
                 b,
-                Body::PresenceChanged(_) | Body::SessionOpened(_) | Body::SessionClosed(_)
+                Body::PresenceChanged(_)
+                    | Body::SessionOpened(_)
+                    | Body::SessionClosed(_)
+                    | Body::GatewayHeartbeat(_)
+                    | Body::PresenceSettingChanged(_)
+                    | Body::DeviceRevoked(_)
             );
             if user_scoped {
                 envelope(None, None, b)
@@ -302,4 +318,11 @@ pub fn third_party_python() -> anyhow::Result<PathBuf> {
         p.display()
     );
     Ok(p)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

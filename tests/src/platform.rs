@@ -84,9 +84,31 @@ impl Default for Options {
     }
 }
 
+/// A port for a service to listen on. Chosen below Linux's ephemeral range
+/// (32768-60999), where the many outgoing connections of the services
+/// (Kafka, Cassandra) get their local ports and could take a port between
+/// our probe and the service's bind; never the same port twice in one test
+/// process.
 fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 500) as u16 * 20,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..2_000 {
+        let mut port = NEXT.fetch_add(1, Ordering::SeqCst);
+        if port >= 32_000 {
+            NEXT.store(20_000, Ordering::SeqCst);
+            port = 20_000;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l.local_addr()?);
+        }
+    }
+    anyhow::bail!("no free port between 20000 and 32000")
 }
 
 /// The workspace's target dir.

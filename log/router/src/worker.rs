@@ -319,6 +319,10 @@ fn route(
     if let Body::MemberRemoved(m) = &ev.body {
         recipients.insert(m.user_id.clone());
     }
+    if let Body::MuteChanged(_) = &ev.body {
+        // A member's own setting: only their devices hear of it.
+        recipients = BTreeSet::from([ev.sender_user.clone()]);
+    }
     let span = tracing::debug_span!("route", %chat, seq = ?ev.seq, trace_id = %ev.trace_id);
     let _g = span.enter();
     let Ok(mut s) = sessions.lock() else { return };

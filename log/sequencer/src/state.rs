@@ -256,6 +256,13 @@ impl PartitionState {
             Body::ReadReceipt(_) | Body::DeliveryReceipt(_) => {
                 return decide_receipt(cmd, chat, now_ms);
             }
+            Body::MuteChanged(_) => {
+                // The member's own setting: ordered, but no seq.
+                let mut ev = cmd.clone();
+                ev.seq = None;
+                ev.sequenced_ts = Some(now_ms);
+                return Decision::Append(Box::new(ev));
+            }
             Body::MessageEdited(_) | Body::MessageDeleted(_) | Body::ReactionChanged(_) => {}
             Body::MemberAdded(m) => {
                 if !is_group || !is_admin {

@@ -205,6 +205,13 @@ impl Projector {
     /// A receipt (ordered in the partition, no seq): moves the reader's
     /// pointers. Nothing goes to `messages`: receipts are not history.
     async fn project_receipt(&self, event: &Envelope) -> Result<Projected, ProjectError> {
+        if let (Some(chat), Body::MuteChanged(m)) = (event.chat_id, &event.body) {
+            let at = event.sequenced_ts.unwrap_or(event.server_ts);
+            self.store
+                .set_muted(&event.sender_user, chat, m.muted, at)
+                .await?;
+            return Ok(Projected::Written { markers: 0 });
+        }
         let (Some(chat), Some((device, up_to))) = (event.chat_id, event.body.receipt()) else {
             return Ok(Projected::Unsequenced);
         };

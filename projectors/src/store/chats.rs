@@ -6,7 +6,9 @@
 //! tombstone of a later event always wins over an earlier one, whatever the
 //! order the writes reach Cassandra: replaying the log never moves state back.
 //! Nothing else may write these columns without such a timestamp (a wall-clock
-//! timestamp, microseconds since 1970, would beat every seq forever).
+//! timestamp, microseconds since 1970, would beat every seq forever). The
+//! one exception is `user_chats.muted`, a user setting with no seq, written
+//! only by [`Store::set_muted`] with the event's time in microseconds.
 
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimestamp, MaybeUnset};
@@ -65,6 +67,7 @@ pub(super) struct Prepared {
     leave_user_chat: PreparedStatement,
     user_chat_role: PreparedStatement,
     read_up_to: PreparedStatement,
+    set_muted: PreparedStatement,
     insert_direct: PreparedStatement,
     insert_change: PreparedStatement,
     select_chat: PreparedStatement,
@@ -137,6 +140,11 @@ impl Store {
             .await?,
             read_up_to: p(format!(
                 "UPDATE {ks}.user_chats USING TIMESTAMP ? SET last_read_seq = ? \
+                 WHERE user_id = ? AND chat_id = ?"
+            ))
+            .await?,
+            set_muted: p(format!(
+                "UPDATE {ks}.user_chats USING TIMESTAMP ? SET muted = ? \
                  WHERE user_id = ? AND chat_id = ?"
             ))
             .await?,
@@ -278,6 +286,22 @@ impl Store {
         let up_to = cql_seq(up_to_seq)?;
         let values = (up_to, up_to, user, chat_id);
         self.execute("write read pointer", &p.read_up_to, values)
+            .await
+            .map(drop)
+    }
+
+    /// Mutes or unmutes `chat_id` for `user` as of `at_ms` (the event's
+    /// sequencing time; write time in microseconds, so the latest wins).
+    pub async fn set_muted(
+        &self,
+        user: &str,
+        chat_id: Uuid,
+        muted: bool,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let p = self.chats_prepared().await?;
+        let values = (at_ms.saturating_mul(1000), muted, user, chat_id);
+        self.execute("write muted", &p.set_muted, values)
             .await
             .map(drop)
     }
