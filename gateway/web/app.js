@@ -212,7 +212,9 @@ function renderList() {
       el("span", { class: "name" }, peer ? el("span", { class: `dot${online ? " online" : ""}` }) : null, name),
       el("span", { class: "when", text: time(c.preview?.ts || c.lastTs) }),
       el("span", { class: `preview${c.left ? " left" : ""}`, text: preview }),
-      c.unread > 0 ? el("span", { class: "badge", "data-unread": c.unread, text: String(c.unread) }) : el("span"),
+      c.unread > 0
+        ? el("span", { class: `badge${c.muted ? " muted" : ""}`, "data-unread": c.unread, text: String(c.unread) })
+        : el("span"),
     );
     ul.append(el("li", {}, b));
   }
@@ -423,6 +425,9 @@ function renderMembers(c) {
     );
   }
   $("add-form").hidden = c.kind !== "group";
+  $("mute").hidden = !client.features.mute;
+  $("mute").textContent = c.muted ? "Unmute" : "Mute";
+  $("mute").setAttribute("aria-pressed", String(!!c.muted));
 }
 
 async function act(fn, ok) {
@@ -454,6 +459,12 @@ $("add-form").addEventListener("submit", (ev) => {
     await client.addMember(client.openChat, user);
     $("add-user").value = "";
   }, `${user} added.`);
+});
+
+$("mute").addEventListener("click", () => {
+  if (!client?.openChat) return;
+  const c = client.chats.get(client.openChat);
+  act(() => client.mute(c.id, !c.muted), null);
 });
 
 $("leave").addEventListener("click", () => {

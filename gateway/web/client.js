@@ -50,7 +50,7 @@ export function explain(code, limits, message) {
 /** Codes after which resending the same message can succeed. */
 const TRANSIENT = new Set(["rate_limited", "unavailable", "timeout", "disconnected", "internal"]);
 /** Frames an older gateway may not know (issue 5). */
-const OPTIONAL = ["watch", "typing", "read", "delivered", "receipts"];
+const OPTIONAL = ["watch", "typing", "read", "delivered", "receipts", "mute"];
 
 const PING_EVERY_MS = 10_000;
 const PONG_WITHIN_MS = 8_000;
@@ -136,6 +136,7 @@ export class ChatClient extends EventTarget {
         preview: s.preview || null,
         lastTs: s.lastTs || 0,
         members: new Map(s.members || []),
+        muted: !!s.muted,
       });
       this.chats.set(id, c);
     }
@@ -188,6 +189,7 @@ export class ChatClient extends EventTarget {
         preview: c.preview,
         lastTs: c.lastTs,
         members: [...c.members],
+        muted: c.muted,
       };
     }
     saveState(this.user, this.device, { checkpoint: this.checkpoint, chats });
@@ -393,6 +395,7 @@ export class ChatClient extends EventTarget {
         return { auth: true, text: "Your session expired. Sign in again." };
       case "invalid_token":
       case "missing_token":
+      case "device_revoked":
         return { auth: true, text: `The server refused the sign-in (${body.message || body.error}). Sign in again.` };
       case "origin_not_allowed":
         return {
@@ -444,7 +447,7 @@ export class ChatClient extends EventTarget {
       this.raw({ type: "ping", id: `p${this.nextId++}` });
       clearTimeout(this.timers.pong);
       this.timers.pong = setTimeout(() => this.heartbeatFailed(), PONG_WITHIN_MS);
-    }, PING_EVERY_MS);
+    }, Math.min(this.limits.heartbeat_interval_ms || PING_EVERY_MS, PING_EVERY_MS));
   }
 
   raw(frame) {
@@ -545,6 +548,16 @@ export class ChatClient extends EventTarget {
       case "chats":
         this.onChats(f);
         break;
+      case "muted": {
+        const c = this.chats.get(f.chat);
+        if (c) {
+          c.muted = !!f.muted;
+          this.emit("chats");
+          this.emit("chat", c.id);
+          this.persistSoon();
+        }
+        break;
+      }
       case "reconnect":
         this.closeSocket(1000, "reconnect");
         this.attempt = 0;
@@ -703,6 +716,12 @@ export class ChatClient extends EventTarget {
       if (this.isReading(c.id)) this.markReadSoon(c.id);
       else if (this.synced || newest) c.unread += 1;
       this.sendDeliveredSoon();
+    }
+    if (live && newest && (ev.kind === "MemberAdded" || ev.kind === "MemberRemoved")) {
+      // Presence follows the members at the time of the watch: watch again.
+      this.watched = null;
+      clearTimeout(this.timers.rewatch);
+      this.timers.rewatch = setTimeout(() => this.watch(), 300);
     }
     if (live) {
       this.persistSoon();
@@ -1048,6 +1067,26 @@ export class ChatClient extends EventTarget {
 
   removeMember(id, user) {
     return this.command({ type: "remove_member", chat: id, user });
+  }
+
+  /** Mutes or unmutes a chat (issue 5); null when the gateway has no `mute`. */
+  async mute(id, muted) {
+    if (!this.features.mute) return null;
+    try {
+      const ack = await this.request({ type: "mute", chat: id, muted, client_msg_id: `w-${randomHex(8)}` });
+      this.chat(id).muted = muted;
+      this.emit("chats");
+      this.emit("chat", id);
+      this.persistSoon();
+      return ack;
+    } catch (e) {
+      if (e.code === "unknown_type") {
+        this.features.mute = false;
+        return null;
+      }
+      e.message = explain(e.code, this.limits, e.frame?.message ?? e.message);
+      throw e;
+    }
   }
 
   leave(id) {

@@ -62,7 +62,9 @@ async fn two_browsers_chat_through_offline_reload_a_dead_gateway_and_a_group_of_
             let words: Vec<&str> = control.split_whitespace().collect();
             match words.as_slice() {
                 ["kill-gateway", i] => p.kill(Role::Gateway, i.parse().unwrap()),
-                ["restart-gateway", i] => p.restart(Role::Gateway, i.parse().unwrap()).await.unwrap(),
+                ["restart-gateway", i] => {
+                    p.restart(Role::Gateway, i.parse().unwrap()).await.unwrap()
+                }
                 other => panic!("unknown control line {other:?}"),
             }
             stdin.write_all(b"done\n").await.unwrap();

@@ -627,6 +627,13 @@ async fn tail_once(
         .await?;
     let mut synced = false;
     let mut last_ping = tokio::time::Instant::now();
+    // Nothing received for idle_timeout_ms closes the connection: ping as the gateway asks.
+    let ping_every = Duration::from_millis(
+        conn.hello["limits"]["heartbeat_interval_ms"]
+            .as_u64()
+            .unwrap_or(15_000)
+            .clamp(1_000, 30_000),
+    );
     let wanted = |chat: &str| only.is_empty() || only.iter().any(|c| c == chat);
     loop {
         if count.is_some_and(|n| *printed >= n) {
@@ -648,14 +655,14 @@ async fn tail_once(
                 };
             }
         }
-        if now.duration_since(last_ping) > Duration::from_secs(30) {
+        if now.duration_since(last_ping) >= ping_every {
             conn.send(&json!({"type": "ping"})).await?;
             last_ping = now;
         }
         let wait = deadline
             .map(|d| d.saturating_duration_since(now))
-            .unwrap_or(Duration::from_secs(5))
-            .min(Duration::from_secs(5));
+            .unwrap_or(ping_every)
+            .min(ping_every);
         let Some(f) = conn.next(wait).await? else {
             continue;
         };
