@@ -136,7 +136,12 @@ async function newChat(u, kind, members, title = "") {
   await u.page.waitForSelector("#chat:not([hidden])");
 }
 
-/** Offline for real: the app must say so and stop receiving. */
+/**
+ * Offline for real: the app must say so and stop receiving. (With this
+ * Chromium, setOffline does not close an open WebSocket: its frames stall
+ * and arrive after setOffline(false). The app closes its socket on the
+ * `offline` event, and its heartbeat would catch a stalled one.)
+ */
 async function goOffline(u) {
   await u.context.setOffline(true);
   await u.page.waitForSelector('#conn[data-state="offline"]', { timeout: WAIT });

@@ -39,8 +39,10 @@ async fn two_browsers_chat_through_offline_reload_a_dead_gateway_and_a_group_of_
     .await
     .unwrap();
     let artifacts = repo_root().join("target/browser-artifacts");
+    // CHAT_BROWSER_SCRIPT runs another script against the same platform (debugging).
+    let script = std::env::var("CHAT_BROWSER_SCRIPT").unwrap_or_else(|_| "chat.test.mjs".into());
     let mut node = tokio::process::Command::new("node")
-        .arg("chat.test.mjs")
+        .arg(&script)
         .current_dir(&dir)
         .env("CHAT_GW0", format!("http://{}", p.gateway(0)))
         .env("CHAT_GW1", format!("http://{}", p.gateway(1)))
