@@ -742,7 +742,12 @@ impl Session {
                     Ok(frame) => {
                         self.shared.metrics.frame_in(frame.kind());
                         self.bad_in_row = 0;
-                        self.on_frame(id, frame).await
+                        let answered = self.on_frame(id, frame).await;
+                        // The heartbeat TTL measures the client's silence, not
+                        // the time the gateway took to answer (a first sync
+                        // can wait seconds for the router and the projector).
+                        self.last_seen.store(now_ms(), Ordering::Relaxed);
+                        answered
                     }
                 }
             }

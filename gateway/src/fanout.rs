@@ -260,11 +260,18 @@ impl Hub {
 
     /// Queues a frame without a seq for one connection (4008 when full).
     fn offer(&self, conn: &ConnHandle, chat: Uuid, frame: Arc<str>) {
-        let live = LiveEvent {
-            chat,
-            seq: None,
-            frame,
-        };
+        self.offer_event(
+            conn,
+            LiveEvent {
+                chat,
+                seq: None,
+                frame,
+            },
+        );
+    }
+
+    /// Queues a live event for one connection (4008 when its queue is full).
+    fn offer_event(&self, conn: &ConnHandle, live: LiveEvent) {
         if let Err(mpsc::error::TrySendError::Full(_)) = conn.events.try_send(live) {
             if !conn.closer.is_closed() {
                 conn.closer.close(close::SLOW_CONSUMER, "event queue full");
@@ -409,11 +416,7 @@ impl Hub {
         let Ok(users) = self.users.read() else {
             return;
         };
-        for user in recipients
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        {
+        for user in recipient_list(&recipients) {
             let own = user == e.sender_user;
             for conn in users.get(user).into_iter().flatten() {
                 let watching = conn.watching.read().is_ok_and(|w| w.contains(&chat));
@@ -452,27 +455,20 @@ impl Hub {
         let Ok(users) = self.users.read() else {
             return;
         };
-        for user in recipients
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-        {
+        for user in recipient_list(&recipients) {
             for conn in users.get(user).into_iter().flatten() {
-                match conn.events.try_send(live.clone()) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        if !conn.closer.is_closed() {
-                            conn.closer.close(close::SLOW_CONSUMER, "event queue full");
-                        }
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
-                }
+                self.offer_event(conn, live.clone());
             }
         }
     }
 }
 
 /// Tails the deliveries partition into `hub` until `stop` fires.
+/// The users of a `recipients` header (comma-separated).
+fn recipient_list(header: &str) -> impl Iterator<Item = &str> {
+    header.split(',').map(str::trim).filter(|u| !u.is_empty())
+}
+
 /// Tails `chat.presence` (every partition, from its end) and delivers each
 /// window's changes to the connections watching those users
 /// ([`Hub::presence_batch`]): within a window only a user's latest state
@@ -638,6 +634,63 @@ mod tests {
             media: None,
             reply_to_seq: None,
         })
+    }
+
+    #[test]
+    fn typing_goes_to_watchers_only_and_receipts_to_the_author_and_watchers() {
+        let h = hub();
+        // record() sends as alice from device "d".
+        let (alice_same, mut alice_same_rx, _r1) = conn(1, 8);
+        let (mut alice_other, mut alice_other_rx, _r2) = conn(2, 8);
+        alice_other.device = "phone".into();
+        let (bob_watching, mut bob_w_rx, _r3) = conn(3, 8);
+        let (bob_idle, mut bob_i_rx, _r4) = conn(4, 8);
+        let chat = Uuid::nil();
+        for c in [&alice_same, &alice_other, &bob_watching] {
+            c.watching.write().unwrap().insert(chat);
+        }
+        drop(h.register("alice", alice_same));
+        drop(h.register("alice", alice_other));
+        drop(h.register("bob", bob_watching));
+        drop(h.register("bob", bob_idle));
+        let typing = Body::Typing(chat_schemas::Typing {
+            active: true,
+            expires_at: 10,
+        });
+        h.dispatch(&record("gw-a", typing, Some("alice,bob")));
+        let frame = bob_w_rx.try_recv().unwrap();
+        assert!(
+            frame.frame.contains(r#""type":"typing""#),
+            "{}",
+            frame.frame
+        );
+        assert!(
+            alice_other_rx.try_recv().is_ok(),
+            "the author's other device"
+        );
+        assert!(alice_same_rx.try_recv().is_err(), "not the typing device");
+        assert!(
+            bob_i_rx.try_recv().is_err(),
+            "not a connection without the chat open"
+        );
+
+        let read = Body::ReadReceipt(chat_schemas::ReadReceipt { up_to_seq: 3 });
+        h.dispatch(&record("gw-a", read, Some("alice,bob")));
+        assert!(
+            alice_same_rx.try_recv().is_ok(),
+            "every device of the author"
+        );
+        assert!(alice_other_rx.try_recv().is_ok());
+        let r = bob_w_rx.try_recv().unwrap();
+        assert!(
+            r.frame.contains(r#""kind":"read""#) && r.seq.is_none(),
+            "{}",
+            r.frame
+        );
+        assert!(
+            bob_i_rx.try_recv().is_err(),
+            "others only where the chat is open"
+        );
     }
 
     #[test]

@@ -387,6 +387,19 @@ async fn typing_reaches_watchers_only_is_rate_limited_and_never_history() {
         .unwrap();
     assert_eq!(no["code"], "unknown_chat", "{no}");
 
+    // Presence of users ann shares no chat with cannot be asked for.
+    let no = ann
+        .request(json!({"type": "watch", "chats": [other]}))
+        .await
+        .unwrap();
+    assert_eq!(no["code"], "not_member", "{no}");
+    let too_many: Vec<String> = (0..17).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let no = ann
+        .request(json!({"type": "watch", "chats": too_many}))
+        .await
+        .unwrap();
+    assert_eq!(no["code"], "too_large", "{no}");
+
     // Never in history, never in a sync.
     let msg = ann
         .request(json!({"type": "send", "chat": g, "client_msg_id": "m1", "text": "hi"}))
