@@ -31,9 +31,9 @@ export CHAT_DEV_LOGIN=${CHAT_DEV_LOGIN:-true}
 export CHAT_AUTH__HS256_SECRET=${CHAT_AUTH__HS256_SECRET:-dev-secret-change-me}
 export CHAT_ALLOWED_ORIGINS=${CHAT_ALLOWED_ORIGINS:-[\"http://$CHAT_LISTEN\",\"http://localhost:$PORT\"]}
 echo
-echo "Gateway on http://$CHAT_LISTEN (the browser app comes with issue 4; until then use any"
-echo "WebSocket client, see PROTOCOL.md): token from POST http://$CHAT_LISTEN/dev/login {\"user\":\"ann\"},"
-echo "then ws://$CHAT_LISTEN/ws?token=...&device=...   health: http://$CHAT_LISTEN/health   metrics: /metrics"
+echo "Chat in the browser: open http://$CHAT_LISTEN/ in two windows (or a normal and a private"
+echo "window) and sign in as two users. CLI: target/debug/chat login ann; chat --help."
+echo "WebSocket: ws://$CHAT_LISTEN/ws?token=...&device=... (PROTOCOL.md)   health: http://$CHAT_LISTEN/health   metrics: /metrics"
 echo "Ctrl-C stops the services; 'make infra-down' stops Kafka, Cassandra and the registry."
 echo
 "$BIN/chat-gateway" &

@@ -2,7 +2,9 @@
 # `make test`: brings up what the tests need, runs every test, and leaves
 # nothing running that it started.
 #
-#   1. installs the third-party Python client into tests/py/.venv;
+#   1. installs the third-party Python client into tests/py/.venv, and what
+#      the browser test needs (tests/browser/setup.sh: Debian's chromium when
+#      /usr/bin/chromium is missing, playwright-core with `npm ci`);
 #   2. starts the real stack (infra/stack.sh up) while the tests compile;
 #   3. runs the infra checks, then every cargo test in the workspace
 #      (unit tests and the end-to-end tests in tests/ against the stack);
@@ -19,6 +21,9 @@ fail=0
 step "python test dependencies"
 make -s py-deps || exit 1
 export CHAT_PYTHON="$REPO/tests/py/.venv/bin/python"
+
+step "browser test dependencies (chromium, playwright-core)"
+bash tests/browser/setup.sh || exit 1
 
 started_stack=0
 if ! infra/stack.sh status >/dev/null 2>&1; then

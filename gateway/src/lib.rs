@@ -15,7 +15,8 @@
 //! (frames and codes), [`connection`] (one socket's tasks), [`fanout`]
 //! (deliveries partition and local routing), [`sync`] (catch-up and
 //! hand-off), [`history`] (the Cassandra reads), [`ratelimit`], [`metrics`],
-//! [`server`] (listener, start-up, shutdown).
+//! [`server`] (listener, start-up, shutdown), [`web`] (the embedded browser
+//! app in `gateway/web/`).
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -28,6 +29,7 @@ pub mod protocol;
 pub mod ratelimit;
 pub mod server;
 pub mod sync;
+pub mod web;
 
 pub use config::GatewayConfig;
 pub use history::{HistoryReader, MemoryHistory};

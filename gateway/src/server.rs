@@ -334,6 +334,7 @@ fn router(shared: Arc<Shared>, health: Health, metrics: chat_runtime::Metrics) -
         app = app.route("/dev/login", post(dev_login));
     }
     app.with_state(shared)
+        .merge(crate::web::router())
         .merge(chat_runtime::admin::admin_router(health, metrics))
 }
 

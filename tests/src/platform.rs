@@ -65,6 +65,8 @@ pub struct Options {
     /// `debug` (tests) or `release` (benchmarks).
     pub profile: &'static str,
     /// Extra environment for the gateways (e.g. `CHAT_LIMITS__MAX_CONNECTIONS`).
+    /// `{listen}` in a value becomes that gateway's own address (e.g.
+    /// `CHAT_ALLOWED_ORIGINS=http://{listen}` for the browser app it serves).
     pub gateway_env: Vec<(String, String)>,
     /// Extra environment for the presence services (e.g. `CHAT_GATEWAY_TTL_MS`).
     pub presence_env: Vec<(String, String)>,
@@ -231,7 +233,13 @@ impl Platform {
                 env.push(("CHAT_AUTH__HS256_SECRET".into(), TEST_SECRET.into()));
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
                 env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
-                env.extend(self.options.gateway_env.iter().cloned());
+                let listen = admin.to_string();
+                env.extend(
+                    self.options
+                        .gateway_env
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.replace("{listen}", &listen))),
+                );
             }
         }
         self.procs.push(Proc {
