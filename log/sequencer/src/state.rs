@@ -64,7 +64,8 @@ type DedupeKey = (Uuid, String, String, String);
 #[derive(Clone, Debug, Default)]
 pub struct PartitionState {
     chats: HashMap<Uuid, ChatState>,
-    dedupe: HashMap<DedupeKey, u64>,
+    /// Per dedupe key: the seq, and the event id of the command that got it.
+    dedupe: HashMap<DedupeKey, (u64, Uuid)>,
 }
 
 /// What to do with a command.
@@ -133,7 +134,7 @@ impl PartitionState {
         }
         let Some(seq) = ev.seq else { return };
         if let Some(key) = dedupe_key(ev) {
-            self.dedupe.insert(key, seq);
+            self.dedupe.insert(key, (seq, ev.event_id));
         }
         if let Body::ChatCreated(c) = &ev.body {
             self.chats.entry(chat).or_insert_with(|| ChatState {
@@ -184,12 +185,22 @@ impl PartitionState {
         decision
     }
 
+    /// Whether `cmd` is the very record (same event id) that an appended
+    /// event came from: the command was read again after a rebalance (its
+    /// transaction committed after the new owner fetched the offsets), and
+    /// its result was already sent. A client's retry has a new event id.
+    pub fn is_replay(&self, cmd: &Envelope) -> bool {
+        dedupe_key(cmd)
+            .and_then(|k| self.dedupe.get(&k))
+            .is_some_and(|(_, id)| *id == cmd.event_id)
+    }
+
     /// Decides without changing the state.
     pub fn decide(&self, cmd: &Envelope, limits: &Limits, now_ms: i64) -> Decision {
         let Some(chat_id) = cmd.chat_id else {
             return reject("invalid", "a command needs a chat id");
         };
-        if let Some(seq) = dedupe_key(cmd).and_then(|k| self.dedupe.get(&k)) {
+        if let Some((seq, _)) = dedupe_key(cmd).and_then(|k| self.dedupe.get(&k)) {
             return Decision::Duplicate { seq: *seq };
         }
         let append = |body: Body, seq: u64| {
@@ -697,6 +708,21 @@ mod tests {
                 proptest::prop_assert_eq!(seqs, &expected);
             }
         }
+    }
+
+    #[test]
+    fn a_command_read_again_is_a_replay_but_a_client_retry_is_not() {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let c = Uuid::new_v4();
+        s.sequence(&cmd(c, "a", "g", group(&["b"])), &l, 1);
+        let m = cmd(c, "a", "m1", text("x"));
+        assert!(!s.is_replay(&m));
+        s.sequence(&m, &l, 1);
+        assert!(s.is_replay(&m), "the same record again");
+        let mut retry = m.clone();
+        retry.event_id = Uuid::new_v4();
+        assert!(!s.is_replay(&retry), "a retry is answered");
+        assert_eq!(s.sequence(&retry, &l, 1), Decision::Duplicate { seq: 2 });
     }
 
     fn receipt(chat: Uuid, user: &str, device: &str, up_to: u64, read: bool) -> Envelope {

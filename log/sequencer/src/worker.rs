@@ -70,6 +70,7 @@ struct Metrics {
     commands: Family<Vec<(String, String)>, Counter>,
     rebuilds: Counter,
     aborted: Counter,
+    replays: Counter,
     commit_seconds: Histogram,
 }
 
@@ -79,6 +80,7 @@ impl Default for Metrics {
             commands: Family::default(),
             rebuilds: Counter::default(),
             aborted: Counter::default(),
+            replays: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         }
     }
@@ -90,6 +92,11 @@ impl Metrics {
             "commands",
             "Commands handled, by outcome and error code",
             self.commands.clone(),
+        );
+        r.register(
+            "replays",
+            "Commands read again after a rebalance and skipped (already sequenced and answered)",
+            self.replays.clone(),
         );
         r.register(
             "rebuilds",
@@ -344,6 +351,11 @@ fn sequence_batch(
         let cmd = &ev.envelope;
         let span = tracing::info_span!("sequence", chat = ?cmd.chat_id, trace_id = %cmd.trace_id, kind = cmd.body.kind());
         let _g = span.enter();
+        if state.is_replay(cmd) {
+            tracing::debug!("command read again after a rebalance; already answered");
+            metrics.replays.inc();
+            continue;
+        }
         let decision = state.sequence(cmd, &config.limits, now);
         let (seq, code, reason) = match &decision {
             Decision::Append(event) => {
