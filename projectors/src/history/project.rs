@@ -172,11 +172,11 @@ impl Projector {
             _ => {}
         }
         if matches!(event.body, Body::MessageSent(_) | Body::ChatCreated(_)) {
-            // What you send you have read (the sequencer's rule too).
-            futures::try_join!(
-                store.mark_read(&event.sender_user, chat, seq),
-                store.put_receipt(chat, &event.sender_user, seq, false),
-            )?;
+            // What you send you have read (the sequencer's rule too): the
+            // sender's unread count. One write per message; `chat_receipts`
+            // holds explicit receipts only (a member who sent seq t has read
+            // everything up to t: clients combine the two for read marks).
+            store.mark_read(&event.sender_user, chat, seq).await?;
         }
         store
             .put_message(&message_row(event, chat, seq, at))
