@@ -1,11 +1,20 @@
-// The chat app's DOM: sign-in, the chat list, one open chat, the dialogs.
+// The chat app's DOM: sign-in, the chat list, one open chat, the dialogs
+// (new chat; settings: devices and presence).
 //
 // Owns: rendering the model of client.js and turning clicks and keys into
 // its calls. Everything the user sees about the connection (its state, why
 // it failed, refused sends) is shown here in words, never a blank page.
 
 import { ChatClient, jwtClaims } from "./client.js";
-import { clearSession, deviceFor, lastUser, loadSession, saveSession } from "./store.js";
+import {
+  clearSession,
+  deviceFor,
+  lastUser,
+  loadPresenceHidden,
+  loadSession,
+  savePresenceHidden,
+  saveSession,
+} from "./store.js";
 
 const $ = (id) => document.getElementById(id);
 let client = null;
@@ -58,8 +67,10 @@ function showNotice(text, level = "error", sticky = false) {
 // ---- sign in ---------------------------------------------------------------
 
 function showLogin(message = "") {
+  closeDialogs();
   $("shell").hidden = true;
   $("signout").hidden = true;
+  $("settings-btn").hidden = true;
   $("login").hidden = false;
   $("me").textContent = "";
   $("login-msg").textContent = message;
@@ -124,19 +135,25 @@ function start(session) {
   $("login-msg").textContent = "";
   $("shell").hidden = false;
   $("signout").hidden = false;
+  $("settings-btn").hidden = false;
+  revokedHere.clear();
   $("me").textContent = `${session.user} · ${session.device}`;
-  client = new ChatClient({ ...session, base: location.origin });
-  client.addEventListener("state", renderState);
-  client.addEventListener("chats", renderListSoon);
-  client.addEventListener("presence", () => {
+  const c = new ChatClient({ ...session, base: location.origin });
+  client = c;
+  // A stopped client can still finish work in flight (a history page, a
+  // timer): only the current one may touch the page.
+  const on = (type, fn) => c.addEventListener(type, (e) => client === c && fn(e));
+  on("state", renderState);
+  on("chats", renderListSoon);
+  on("presence", () => {
     renderListSoon();
     renderHeader();
   });
-  client.addEventListener("chat", (e) => {
+  on("chat", (e) => {
     if (e.detail === client.openChat) renderChatSoon();
   });
-  client.addEventListener("notice", (e) => showNotice(e.detail.text, e.detail.level));
-  client.addEventListener("auth", (e) => {
+  on("notice", (e) => showNotice(e.detail.text, e.detail.level));
+  on("auth", (e) => {
     const user = session.user;
     client.stop();
     client = null;
@@ -547,6 +564,175 @@ $("new-form").addEventListener("submit", async (ev) => {
       return;
     }
     $("new-msg").textContent = e.message;
+  }
+});
+
+// ---- settings dialog: devices, presence ------------------------------------------------
+
+/** How often the device list is asked again while the dialog is open (it is a projection: new devices and revocations show up a moment later). */
+const DEVICES_EVERY_MS = 2_000;
+let devicesTimer = null;
+/** The list as last rendered, to re-render (and move focus) only on a change. */
+let devicesShown = "";
+/** Whether #devices-msg says something the next good load ends ("Loading…", a load error). */
+let devicesMsgTransient = false;
+/** Devices revoked from this page: shown as revoked until the list says so. */
+const revokedHere = new Set();
+
+function closeDialogs() {
+  for (const d of document.querySelectorAll("dialog")) if (d.open) d.close();
+}
+
+function deviceItem(d) {
+  const revoked = d.revoked_at != null || revokedHere.has(d.device);
+  const status = [];
+  if (revoked) status.push(d.revoked_at ? `revoked ${time(d.revoked_at)}` : "revoked");
+  else status.push(d.online ? "online" : "offline");
+  if (d.last_seen) status.push(`last seen ${time(d.last_seen)}`);
+  return el(
+    "li",
+    {
+      "data-device": d.device,
+      "data-online": String(!!d.online && !revoked),
+      "data-current": String(!!d.current),
+      "data-revoked": String(revoked),
+    },
+    el("span", { class: `dot${d.online && !revoked ? " online" : ""}` }),
+    el(
+      "div",
+      { class: "dev" },
+      el(
+        "div",
+        {},
+        el("span", { class: "dev-name", text: d.device }),
+        d.current ? el("span", { class: "tag", text: "this device" }) : null,
+        revoked ? el("span", { class: "tag revoked", text: "revoked" }) : null,
+      ),
+      el("div", { class: "sub", text: status.join(" · ") }),
+    ),
+    !d.current && !revoked
+      ? el("button", {
+          type: "button",
+          class: "danger",
+          text: "Revoke",
+          "aria-label": `Revoke ${d.device}`,
+          onclick: (ev) => revoke(d.device, ev.currentTarget),
+        })
+      : null,
+  );
+}
+
+function renderDevices(list) {
+  const order = (d) => (d.current ? 0 : d.revoked_at != null || revokedHere.has(d.device) ? 2 : 1);
+  const sorted = [...list].sort((a, b) => order(a) - order(b) || (b.last_seen || 0) - (a.last_seen || 0));
+  const key = JSON.stringify([sorted, [...revokedHere]]);
+  if (key === devicesShown) return;
+  devicesShown = key;
+  const ul = $("device-list");
+  // Keep the keyboard where it was: on the same device's button, else on Refresh.
+  const focused = ul.contains(document.activeElement) ? document.activeElement.closest("li")?.dataset.device : null;
+  ul.replaceChildren(...sorted.map(deviceItem));
+  if (focused != null) {
+    const same = [...ul.querySelectorAll("li")].find((li) => li.dataset.device === focused);
+    (same?.querySelector("button") || $("devices-refresh")).focus();
+  }
+  if (list.length === 0) setDevicesMsg("No devices listed yet.", true);
+}
+
+function setDevicesMsg(text, transient = false) {
+  $("devices-msg").textContent = text;
+  devicesMsgTransient = transient;
+}
+
+async function loadDevices() {
+  clearTimeout(devicesTimer);
+  const c = client;
+  if (!c || !$("settings-dialog").open) return;
+  try {
+    const list = await c.devices();
+    if (c !== client) return;
+    if (list === null) {
+      setDevicesMsg("This gateway cannot list devices.", true);
+      return;
+    }
+    if (devicesMsgTransient) setDevicesMsg("");
+    renderDevices(list);
+  } catch (e) {
+    if (c === client) setDevicesMsg(`Could not load your devices: ${e.message}`, true);
+  } finally {
+    clearTimeout(devicesTimer);
+    if (c === client && $("settings-dialog").open) devicesTimer = setTimeout(loadDevices, DEVICES_EVERY_MS);
+  }
+}
+
+async function revoke(device, button) {
+  const c = client;
+  if (!c) return;
+  button.disabled = true;
+  setDevicesMsg(`Revoking ${device}…`);
+  try {
+    const ok = await c.revokeDevice(device);
+    if (c !== client) return;
+    if (ok === null) {
+      setDevicesMsg("This gateway cannot revoke devices.", true);
+      button.disabled = false;
+      return;
+    }
+    revokedHere.add(device);
+    setDevicesMsg(`${device} was revoked: it is signed out and must sign in again.`);
+    await loadDevices();
+  } catch (e) {
+    if (c !== client) return;
+    setDevicesMsg(`Could not revoke ${device}: ${e.message}`, true);
+    button.disabled = false;
+  }
+}
+
+$("settings-btn").addEventListener("click", () => {
+  if (!client) return;
+  devicesShown = "";
+  $("device-list").replaceChildren();
+  setDevicesMsg("Loading your devices…", true);
+  $("presence-hidden").checked = loadPresenceHidden(client.user);
+  $("presence-hidden").disabled = false;
+  $("presence-msg").textContent = "";
+  $("settings-dialog").showModal();
+  $("devices-refresh").focus();
+  loadDevices();
+});
+$("settings-close").addEventListener("click", () => $("settings-dialog").close());
+$("devices-refresh").addEventListener("click", () => loadDevices());
+$("settings-dialog").addEventListener("close", () => {
+  clearTimeout(devicesTimer);
+  if (!$("settings-btn").hidden) $("settings-btn").focus();
+});
+
+$("presence-hidden").addEventListener("change", async () => {
+  const c = client;
+  const box = $("presence-hidden");
+  if (!c) return;
+  const hidden = box.checked;
+  box.disabled = true;
+  $("presence-msg").textContent = "Saving…";
+  try {
+    const ok = await c.setPresenceHidden(hidden);
+    if (c !== client) return;
+    if (ok === null) {
+      box.checked = !hidden;
+      $("presence-msg").textContent = "This gateway cannot hide presence.";
+      return;
+    }
+    savePresenceHidden(c.user, hidden);
+    $("presence-msg").textContent = hidden
+      ? "Your presence is hidden: everyone sees you as offline."
+      : "Your presence is shown to the people you chat with.";
+  } catch (e) {
+    if (c !== client) return;
+    box.checked = !hidden;
+    $("presence-msg").textContent = `Not saved: ${e.message}`;
+  } finally {
+    box.disabled = false;
+    if ($("settings-dialog").open) box.focus();
   }
 });
 

@@ -6,7 +6,7 @@
 // model of chats and events (deduplicated by (chat, seq)), the outbox
 // (optimistic sends retried with the same client_msg_id until acked), and
 // the issue-5 frames (watch/presence, typing, read/delivered receipts,
-// unread counts). A feature the gateway does not know (`unknown_type`) is
+// unread counts, devices, revoking a device, hiding presence). A feature the gateway does not know (`unknown_type`) is
 // switched off for the connection's life, so older gateways still work.
 //
 // Does not own: the DOM (app.js) or storage details (store.js). The UI
@@ -50,7 +50,19 @@ export function explain(code, limits, message) {
 /** Codes after which resending the same message can succeed. */
 const TRANSIENT = new Set(["rate_limited", "unavailable", "timeout", "disconnected", "internal"]);
 /** Frames an older gateway may not know (issue 5). */
-const OPTIONAL = ["watch", "typing", "read", "delivered", "receipts", "mute"];
+const OPTIONAL = [
+  "watch",
+  "typing",
+  "read",
+  "delivered",
+  "receipts",
+  "mute",
+  "devices",
+  "revoke_device",
+  "presence_settings",
+];
+/** What a device that was revoked is told (close 4003, or 401 device_revoked). */
+export const REVOKED_TEXT = "This device was revoked from another of your devices. Sign in again to use it here.";
 
 const PING_EVERY_MS = 10_000;
 const PONG_WITHIN_MS = 8_000;
@@ -332,7 +344,7 @@ export class ChatClient extends EventTarget {
         this.expire("Your session expired while connected. Sign in again.");
         return;
       case 4003:
-        this.expire("This device was signed out (revoked) from another device. Sign in again.");
+        this.expire(REVOKED_TEXT);
         return;
       case 1001:
         this.attempt = 0;
@@ -393,9 +405,10 @@ export class ChatClient extends EventTarget {
     switch (body.error) {
       case "token_expired":
         return { auth: true, text: "Your session expired. Sign in again." };
+      case "device_revoked":
+        return { auth: true, text: REVOKED_TEXT };
       case "invalid_token":
       case "missing_token":
-      case "device_revoked":
         return { auth: true, text: `The server refused the sign-in (${body.message || body.error}). Sign in again.` };
       case "origin_not_allowed":
         return {
@@ -1091,6 +1104,32 @@ export class ChatClient extends EventTarget {
 
   leave(id) {
     return this.command({ type: "leave", chat: id });
+  }
+
+  /** A settings request (devices, revoke_device, presence_settings): null when the gateway does not know it. */
+  async setting(feature, frame) {
+    try {
+      return await this.optional(feature, frame);
+    } catch (e) {
+      e.message = explain(e.code, this.limits, e.frame?.message ?? e.message);
+      throw e;
+    }
+  }
+
+  /** The user's devices (`devices` frame), or null when the gateway has no such frame. */
+  async devices() {
+    const f = await this.setting("devices", { type: "devices" });
+    return f ? f.devices || [] : null;
+  }
+
+  /** Revokes another device of this user: its connections close with 4003. */
+  revokeDevice(device) {
+    return this.setting("revoke_device", { type: "revoke_device", device });
+  }
+
+  /** Hides (or shows again) this user's presence to everyone. */
+  setPresenceHidden(hidden) {
+    return this.setting("presence_settings", { type: "presence_settings", hidden: !!hidden });
   }
 
   // ---- views for the UI -------------------------------------------------

@@ -1,7 +1,9 @@
 // What the browser keeps between page loads (localStorage / sessionStorage).
 //
 // Owns: the device id of each user on this browser (so a reload is the same
-// device), the signed-in session of this tab, and per user+device the sync
+// device), whether each user chose to hide their presence (the server
+// stores it but has no query for it), the signed-in session of this tab,
+// and per user+device the sync
 // state (checkpoint, per-chat last seq, chat summaries) and the outbox of
 // unsent messages. Events themselves are not stored: a reload pages them
 // back in with `history`.
@@ -11,6 +13,7 @@ const SESSION = "chat.session";
 const LAST_USER = "chat.last-user";
 const STATE = (user, device) => `chat.state.${user}.${device}`;
 const OUTBOX = (user, device) => `chat.outbox.${user}.${device}`;
+const PRESENCE_HIDDEN = (user) => `chat.presence-hidden.${user}`;
 
 /** Random hex of `bytes` bytes (works outside secure contexts too). */
 export function randomHex(bytes) {
@@ -86,4 +89,13 @@ export function loadOutbox(user, device) {
 
 export function saveOutbox(user, device, entries) {
   write(localStorage, OUTBOX(user, device), entries);
+}
+
+/** Whether `user` last chose "Hide my presence" in this browser. */
+export function loadPresenceHidden(user) {
+  return read(localStorage, PRESENCE_HIDDEN(user), false) === true;
+}
+
+export function savePresenceHidden(user, hidden) {
+  write(localStorage, PRESENCE_HIDDEN(user), !!hidden);
 }

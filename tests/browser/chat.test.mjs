@@ -15,6 +15,9 @@
 //   a reload keeps the device and the chats;
 //   a group of three (one on a phone-sized screen): messages, the same
 //     offline catch-up, removing a member;
+//   settings on a second device of the same user (phone-sized): both
+//     devices listed, hiding presence, revoking the first device, which
+//     goes back to sign-in saying it was revoked;
 //   no page error and no console error anywhere.
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
@@ -334,6 +337,49 @@ try {
   await cat.page.click("#back");
   await cat.page.waitForSelector("#list-pane", { state: "visible" });
   check(await cat.page.isHidden("#chat-pane"), "on a phone, the list and the chat are shown one at a time");
+
+  // ---- settings: two devices of one user --------------------------------------
+  step = "settings: devices";
+  // ann signs in again in a second browser (a second device, phone-sized).
+  const ann2 = await user("ann", GW0, { width: 390, height: 780 });
+  const annDevice = (await ann.page.textContent("#me")).split(" · ")[1];
+  const ann2Device = (await ann2.page.textContent("#me")).split(" · ")[1];
+  check(annDevice !== ann2Device, `the second browser is another device (${annDevice}, ${ann2Device})`);
+  // Opened from the keyboard; the list is a projection: both show up within a moment.
+  await ann2.page.focus("#settings-btn");
+  await ann2.page.keyboard.press("Enter");
+  await ann2.page.waitForSelector("#settings-dialog[open]");
+  check(
+    await ann2.page.evaluate(() => document.querySelector("#settings-dialog").contains(document.activeElement)),
+    "the settings dialog opens from the keyboard and takes the focus",
+  );
+  const row = (d) => `#device-list li[data-device="${d}"]`;
+  await ann2.page.waitForSelector(`${row(ann2Device)}[data-current="true"]`, { timeout: WAIT });
+  await ann2.page.waitForSelector(`${row(annDevice)}[data-online="true"] button:has-text("Revoke")`, { timeout: WAIT });
+  check(
+    (await ann2.page.$$(`${row(ann2Device)} button`)).length === 0,
+    "Settings lists both devices; only the other one can be revoked",
+  );
+  await ann2.page.check("#presence-hidden");
+  await ann2.page.waitForFunction(() => /hidden/.test(document.querySelector("#presence-msg").textContent), null, {
+    timeout: WAIT,
+  });
+  check(
+    await ann2.page.evaluate(() => localStorage.getItem("chat.presence-hidden.ann") === "true"),
+    "hiding presence is acknowledged and remembered",
+  );
+  await shot(ann2, "09-settings-phone");
+
+  step = "settings: revoke";
+  await ann2.page.click(`${row(annDevice)} button:has-text("Revoke")`);
+  await ann2.page.waitForSelector(`${row(annDevice)}[data-revoked="true"]`, { timeout: WAIT });
+  check((await ann2.page.$$(`${row(annDevice)} button`)).length === 0, "the revoked device is marked revoked");
+  await ann.page.waitForSelector("#login:not([hidden])", { timeout: WAIT });
+  const revokedMsg = await ann.page.textContent("#login-msg");
+  check(/this device was revoked/i.test(revokedMsg), `the revoked page is back at sign-in and says why (${revokedMsg})`);
+  check(await ann.page.isHidden("#shell"), "the revoked page shows no chats");
+  await shot(ann, "10-revoked");
+  check((await ann2.page.getAttribute("#conn", "data-state")) === "online", "the device that revoked stays online");
 } catch (e) {
   failed = e;
   console.error(`FAILED during "${step}": ${e.stack || e}`);
