@@ -1,8 +1,9 @@
 //! The `chat` CLI end to end: real CLI processes (one config directory per
 //! user) against the whole platform as real processes. Two users on two
 //! gateways exchange messages (one `tail`s live while the other `send`s),
-//! page through history, retry idempotently, and get the documented exit
-//! codes for refusals, bad tokens and an unreachable gateway. Every
+//! page through history, retry idempotently, mute chats, hide presence,
+//! list and revoke devices, and get the documented exit codes for
+//! refusals, bad tokens, a revoked device and an unreachable gateway. Every
 //! `--json` line is parsed.
 
 use chat_tests::platform::{binary, Options, Platform};
@@ -281,6 +282,78 @@ async fn two_cli_users_chat_through_the_platform_with_documented_exit_codes() {
     bob.run(&["leave", &group]).await.ok();
     let r = bob.run(&["history", &group, "--limit", "10"]).await;
     assert_eq!(texts(&r.ok().stdout), ["hi all"]);
+
+    // Settings: mute and unmute a chat, hide and show presence.
+    let r = ann.run(&["mute", &chat]).await;
+    assert_eq!(r.ok().one()["type"], "ack", "{r:?}");
+    let r = ann.run(&["unmute", &chat]).await;
+    assert_eq!(r.ok().one()["type"], "ack", "{r:?}");
+    let r = ann.run(&["presence", "--hide"]).await;
+    assert_eq!(r.ok().one()["hidden"], true, "{r:?}");
+    let r = ann.run(&["presence", "--show"]).await;
+    assert_eq!(r.ok().one()["hidden"], false, "{r:?}");
+    assert_eq!(ann.run(&["presence"]).await.code, 2, "--hide or --show");
+
+    // Devices: ann signs in on a second device (another config directory).
+    let laptop = User::new(gw1.clone());
+    let l = laptop.run(&["login", "ann"]).await;
+    let laptop_device = l.ok().one()["device"].as_str().unwrap().to_string();
+    assert_ne!(laptop_device, device);
+    laptop.run(&["chats"]).await.ok();
+    // The list is a projection: the new device shows up a moment later.
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        let r = ann.run(&["devices"]).await;
+        listed = r.ok().stdout.clone();
+        if listed.iter().any(|d| d["device"] == laptop_device.as_str()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let row = |name: &str| {
+        listed
+            .iter()
+            .find(|d| d["device"] == name)
+            .unwrap_or_else(|| panic!("{name} not in {listed:?}"))
+            .clone()
+    };
+    let mine = row(&device);
+    assert_eq!(mine["current"], true, "{listed:?}");
+    assert!(mine["revoked_at"].is_null(), "{listed:?}");
+    let other = row(&laptop_device);
+    assert_eq!(other["current"], false, "{listed:?}");
+    assert!(other["last_seen"].as_i64().is_some(), "{listed:?}");
+
+    // Revoking it: from then on (once projected) its commands fail with exit 3.
+    let r = ann.run(&["revoke-device", &laptop_device]).await;
+    assert_eq!(r.ok().one()["revoked"], laptop_device.as_str());
+    let mut r = laptop.run(&["chats"]).await;
+    for _ in 0..50 {
+        if r.code == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        r = laptop.run(&["chats"]).await;
+    }
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.error()["error"], "device_revoked", "{r:?}");
+    assert!(
+        r.error()["message"]
+            .as_str()
+            .unwrap()
+            .contains("device_revoked"),
+        "{r:?}"
+    );
+    // The revoking device is untouched, and lists the revocation.
+    let r = ann.run(&["devices"]).await;
+    let revoked = r
+        .ok()
+        .stdout
+        .iter()
+        .find(|d| d["device"] == laptop_device.as_str())
+        .cloned()
+        .unwrap();
+    assert!(revoked["revoked_at"].as_i64().is_some(), "{r:?}");
 
     // Tokens: a bad one is an authentication error; so is an expired one.
     let r = ann.run(&["--token", "not.a.token", "chats"]).await;

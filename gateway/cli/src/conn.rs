@@ -274,6 +274,10 @@ fn closed(gateway: &str, code: u16, reason: String) -> CliError {
             code: "token_expired".into(),
             message: "the token expired while connected".into(),
         },
+        4003 => CliError::Auth {
+            code: "device_revoked".into(),
+            message: "this device was revoked from another of your devices".into(),
+        },
         4009 | 1002 | 1007 | 1009 => CliError::Protocol(format!(
             "the gateway closed the connection ({code} {reason})"
         )),
@@ -350,6 +354,8 @@ mod tests {
     #[test]
     fn closes_map_to_exit_codes() {
         assert_eq!(closed("g", 4001, String::new()).exit_code(), 3);
+        let revoked = closed("g", 4003, String::new());
+        assert_eq!((revoked.exit_code(), revoked.code()), (3, "device_revoked"));
         assert_eq!(closed("g", 1001, String::new()).exit_code(), 1);
         assert_eq!(closed("g", 4009, String::new()).exit_code(), 5);
     }

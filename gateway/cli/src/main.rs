@@ -1,7 +1,8 @@
 //! `chat`: a command-line client of the chat gateway.
 //!
 //! Owns: the subcommands (login, logout, chats, send, tail, history, create,
-//! add-member, remove-member, leave), how they find the gateway and token
+//! add-member, remove-member, leave, mute, unmute, devices, revoke-device,
+//! presence), how they find the gateway and token
 //! (flags, then `CHAT_GATEWAY` / `CHAT_TOKEN` / `CHAT_DEVICE`, then the
 //! credentials `chat login` saved), and their output: text for people, or
 //! with `--json` one JSON object per line on stdout (errors: one JSON object
@@ -119,6 +120,29 @@ enum Command {
     RemoveMember { chat: String, user: String },
     /// Leave a chat.
     Leave { chat: String },
+    /// Mute a chat on all your devices (it still counts as unread, but does not notify).
+    Mute { chat: String },
+    /// Unmute a chat.
+    Unmute { chat: String },
+    /// List your devices (with --json: one object per device).
+    Devices,
+    /// Revoke one of your devices: its connections close and its tokens are refused.
+    RevokeDevice {
+        /// The device id (see `chat devices`).
+        // Its own argument id: `device` is the global --device (the device
+        // to connect as), which would otherwise take this value.
+        #[arg(id = "revoked_device", value_name = "DEVICE")]
+        device: String,
+    },
+    /// Hide your presence (everyone sees you offline, no last seen) or show it again.
+    Presence {
+        /// Appear offline to everyone.
+        #[arg(long, conflicts_with = "show", required_unless_present = "show")]
+        hide: bool,
+        /// Show your presence again.
+        #[arg(long)]
+        show: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +255,27 @@ async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Leave { chat } => done(&g, json!({"type": "leave", "chat": chat})).await,
+        Command::Mute { chat } => mute(&g, &chat, true).await,
+        Command::Unmute { chat } => mute(&g, &chat, false).await,
+        Command::Devices => devices(&g).await,
+        Command::RevokeDevice { device } => {
+            setting(&g, json!({"type": "revoke_device", "device": device})).await?;
+            out(g.json, &json!({"type": "ok", "revoked": device}), || {
+                format!("revoked {device}: its connections are closed and its tokens refused")
+            });
+            Ok(())
+        }
+        Command::Presence { hide, show: _ } => {
+            setting(&g, json!({"type": "presence_settings", "hidden": hide})).await?;
+            out(g.json, &json!({"type": "ok", "hidden": hide}), || {
+                if hide {
+                    "your presence is hidden: everyone sees you offline".into()
+                } else {
+                    "your presence is shown again".into()
+                }
+            });
+            Ok(())
+        }
     }
 }
 
@@ -413,6 +458,103 @@ async fn done(g: &Global, frame: Value) -> Result<()> {
             }
         )
     });
+    Ok(())
+}
+
+/// A user setting (`revoke_device`, `presence_settings`), answered by `ok`.
+/// `unavailable` and `rate_limited` are retried (both settings are idempotent).
+async fn setting(g: &Global, frame: Value) -> Result<Value> {
+    let (mut conn, _, _) = connect(g).await?;
+    let r = setting_on(&mut conn, frame).await;
+    conn.close().await;
+    r
+}
+
+async fn setting_on(conn: &mut Conn, frame: Value) -> Result<Value> {
+    let mut delay = Duration::from_millis(300);
+    for attempt in 1..=6 {
+        let answer = conn.request(frame.clone(), ANSWER_WITHIN).await?;
+        match answer["type"].as_str() {
+            Some("ok") => return Ok(answer),
+            Some("error") => {
+                let code = answer["code"].as_str().unwrap_or("");
+                if (code == "unavailable" || code == "rate_limited") && attempt < 6 {
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    continue;
+                }
+                return Err(refusal(&answer));
+            }
+            _ => return Err(CliError::Protocol(format!("expected ok, got {answer}"))),
+        }
+    }
+    Err(CliError::Protocol("unreachable retry loop end".into()))
+}
+
+async fn mute(g: &Global, chat: &str, muted: bool) -> Result<()> {
+    let ack = command(g, json!({"type": "mute", "chat": chat, "muted": muted})).await?;
+    out(g.json, &ack, || {
+        format!("{} {chat}", if muted { "muted" } else { "unmuted" })
+    });
+    Ok(())
+}
+
+/// How long ago `ms` (milliseconds since the epoch) was, for people.
+fn ago(ms: Option<i64>) -> String {
+    let Some(ms) = ms else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let s = (now - ms).max(0) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3_600 => format!("{}m ago", s / 60),
+        3_600..86_400 => format!("{}h ago", s / 3_600),
+        _ => format!("{}d ago", s / 86_400),
+    }
+}
+
+async fn devices(g: &Global) -> Result<()> {
+    let (mut conn, _, _) = connect(g).await?;
+    let answer = conn
+        .request(json!({"type": "devices"}), ANSWER_WITHIN)
+        .await?;
+    conn.close().await;
+    if answer["type"] == "error" {
+        return Err(refusal(&answer));
+    }
+    let list = answer["devices"]
+        .as_array()
+        .ok_or_else(|| CliError::Protocol(format!("expected devices, got {answer}")))?;
+    if !g.json {
+        println!(
+            "{:<24}  {:<7}  {:<10}  {:<10}  REVOKED",
+            "DEVICE", "ONLINE", "LAST SEEN", "FIRST SEEN"
+        );
+    }
+    for d in list {
+        out(g.json, d, || {
+            format!(
+                "{:<24}  {:<7}  {:<10}  {:<10}  {}{}",
+                d["device"].as_str().unwrap_or(""),
+                if d["online"] == true { "yes" } else { "no" },
+                ago(d["last_seen"].as_i64()),
+                ago(d["first_seen"].as_i64()),
+                d["revoked_at"]
+                    .as_i64()
+                    .map(|t| ago(Some(t)))
+                    .unwrap_or_else(|| "-".into()),
+                if d["current"] == true {
+                    "  (this device)"
+                } else {
+                    ""
+                }
+            )
+        });
+    }
     Ok(())
 }
 
