@@ -253,6 +253,13 @@ async fn run(
     reader.abort();
     producer.abort();
     let _ = reader.await;
+    // The session is over for the platform now (presence goes offline without
+    // waiting for a dead peer's socket to linger).
+    if shared.sessions_remove(session_id).is_some() {
+        shared
+            .produce_session_closed(&who.user, &device, session_id, close_reason(code, &reason))
+            .await;
+    }
     if code != GONE {
         // Let our close frame reach the client before the socket goes.
         linger(
@@ -261,11 +268,6 @@ async fn run(
             shared.config.limits.max_frame_bytes * 4,
         )
         .await;
-    }
-    if shared.sessions_remove(session_id).is_some() {
-        shared
-            .produce_session_closed(&who.user, &device, session_id, close_reason(code, &reason))
-            .await;
     }
     shared.metrics.connections.dec();
     tracing::info!(code, reason = %reason, "connection closed");

@@ -67,6 +67,7 @@ pub struct Options {
     /// Extra environment for the gateways (e.g. `CHAT_LIMITS__MAX_CONNECTIONS`).
     /// `{listen}` in a value becomes that gateway's own address (e.g.
     /// `CHAT_ALLOWED_ORIGINS=http://{listen}` for the browser app it serves).
+    /// A key `gw<i>:KEY` sets `KEY` for gateway `i` only.
     pub gateway_env: Vec<(String, String)>,
     /// Extra environment for the presence services (e.g. `CHAT_GATEWAY_TTL_MS`).
     pub presence_env: Vec<(String, String)>,
@@ -234,12 +235,14 @@ impl Platform {
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
                 env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
                 let listen = admin.to_string();
-                env.extend(
-                    self.options
-                        .gateway_env
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.replace("{listen}", &listen))),
-                );
+                let mine = format!("gw{i}:");
+                env.extend(self.options.gateway_env.iter().filter_map(|(k, v)| {
+                    let key = match k.split_once(':') {
+                        None => k.as_str(),
+                        Some(_) => k.strip_prefix(&mine)?,
+                    };
+                    Some((key.to_string(), v.replace("{listen}", &listen)))
+                }));
             }
         }
         self.procs.push(Proc {
