@@ -956,6 +956,10 @@ impl Session {
             s.producer.send(&s.topics.ephemeral, &key, &env),
         )
         .await;
+        // The interval runs from when the indicator left, so a slow append
+        // (the first one of a topic registers its schema) does not let the
+        // next frame through.
+        self.typing_at.insert(chat, Instant::now());
         if !matches!(sent, Ok(Ok(_))) {
             return self
                 .error(

@@ -206,9 +206,10 @@ async fn a_retry_is_acked_with_the_original_seq_and_stored_once() {
             .request(json!({"type": "history", "chat": chat, "limit": 50}))
             .await
             .unwrap();
-        // Membership in history is a projection too: right after the
-        // create's ack it may not be written yet.
-        if page["code"] == "not_member" && tokio::time::Instant::now() < deadline {
+        // Membership (and the chat itself) in history is a projection too:
+        // right after the create's ack it may not be written yet.
+        let lagging = page["code"] == "not_member" || page["code"] == "unknown_chat";
+        if lagging && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         }
