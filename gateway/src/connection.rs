@@ -535,6 +535,9 @@ struct Session {
     typing_at: HashMap<Uuid, Instant>,
 }
 
+/// The answer to a query frame, or the error code and message to send.
+type Answer = Result<ServerFrame, (ErrorCode, String)>;
+
 /// How long a membership check answers `typing` without a new read.
 const MEMBER_CACHE: Duration = Duration::from_secs(30);
 
@@ -824,10 +827,19 @@ impl Session {
                     }
                 }
             }
-            ClientFrame::Watch { chats } => self.on_watch(id, chats).await,
+            ClientFrame::Watch { chats } => {
+                let answer = self.watch(chats).await;
+                self.reply(id, answer).await
+            }
             ClientFrame::Typing { chat, active } => self.on_typing(id, chat, active).await,
-            ClientFrame::Receipts { chat } => self.on_receipts(id, chat).await,
-            ClientFrame::Devices => self.on_devices(id).await,
+            ClientFrame::Receipts { chat } => {
+                let answer = self.receipts(chat).await;
+                self.reply(id, answer).await
+            }
+            ClientFrame::Devices => {
+                let answer = self.devices().await;
+                self.reply(id, answer).await
+            }
             ClientFrame::RevokeDevice { device } => {
                 let body = Body::DeviceRevoked(chat_schemas::DeviceRevoked {
                     device_id: device,
@@ -866,16 +878,24 @@ impl Session {
         }
     }
 
+    /// Sends `answer` with the request's `id`, or the error it failed with.
+    async fn reply(&mut self, id: FrameId, answer: Answer) -> Result<(), Stop> {
+        match answer {
+            Ok(mut frame) => {
+                frame.set_id(id);
+                self.frame(frame).await
+            }
+            Err((code, message)) => self.error(id, code, message).await,
+        }
+    }
+
     /// `watch`: the chats open on this connection. Presence of their other
     /// members, typing and receipts of those chats flow to it from now on;
     /// the answer is the members' current presence.
-    async fn on_watch(&mut self, id: FrameId, chats: Vec<Uuid>) -> Result<(), Stop> {
+    async fn watch(&mut self, chats: Vec<Uuid>) -> Answer {
         let mut users: Vec<String> = Vec::new();
         for chat in &chats {
-            match self.members_of(*chat).await {
-                Ok(members) => users.extend(members),
-                Err((code, message)) => return self.error(id, code, message).await,
-            }
+            users.extend(self.members_of(*chat).await?);
         }
         users.sort();
         users.dedup();
@@ -884,13 +904,8 @@ impl Session {
             *w = chats.into_iter().collect();
         }
         self.shared.hub.watch(&self.handle, users.clone());
-        let rows = match self.shared.history.presence_of(&users).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                let (code, message) = sync::store_error(&e);
-                return self.error(id, code, message).await;
-            }
-        };
+        let rows = self.shared.history.presence_of(&users).await;
+        let rows = rows.map_err(|e| sync::store_error(&e))?;
         let users = users
             .into_iter()
             .map(|user| {
@@ -902,7 +917,7 @@ impl Session {
                 }
             })
             .collect();
-        self.frame(ServerFrame::Presence { id, users }).await
+        Ok(ServerFrame::Presence { id: None, users })
     }
 
     /// `typing`: appended to `chat.ephemeral` (never history) for the router
@@ -973,18 +988,10 @@ impl Session {
     }
 
     /// `receipts`: every member's read and delivery pointers in a chat.
-    async fn on_receipts(&mut self, id: FrameId, chat: Uuid) -> Result<(), Stop> {
-        let members = match self.members_of(chat).await {
-            Ok(m) => m,
-            Err((code, message)) => return self.error(id, code, message).await,
-        };
-        let rows = match self.shared.history.receipts(chat).await {
-            Ok(r) => r,
-            Err(e) => {
-                let (code, message) = sync::store_error(&e);
-                return self.error(id, code, message).await;
-            }
-        };
+    async fn receipts(&mut self, chat: Uuid) -> Answer {
+        let members = self.members_of(chat).await?;
+        let rows = self.shared.history.receipts(chat).await;
+        let rows = rows.map_err(|e| sync::store_error(&e))?;
         let members = members
             .into_iter()
             .map(|user| {
@@ -997,19 +1004,17 @@ impl Session {
                 )
             })
             .collect();
-        self.frame(ServerFrame::Receipts { id, chat, members })
-            .await
+        Ok(ServerFrame::Receipts {
+            id: None,
+            chat,
+            members,
+        })
     }
 
     /// `devices`: the user's devices.
-    async fn on_devices(&mut self, id: FrameId) -> Result<(), Stop> {
-        let rows = match self.shared.history.devices(&self.user).await {
-            Ok(r) => r,
-            Err(e) => {
-                let (code, message) = sync::store_error(&e);
-                return self.error(id, code, message).await;
-            }
-        };
+    async fn devices(&mut self) -> Answer {
+        let rows = self.shared.history.devices(&self.user).await;
+        let rows = rows.map_err(|e| sync::store_error(&e))?;
         let online = self.shared.hub.devices_online(&self.user);
         let devices = rows
             .into_iter()
@@ -1022,7 +1027,7 @@ impl Session {
                 revoked_at: d.revoked_at,
             })
             .collect();
-        self.frame(ServerFrame::Devices { id, devices }).await
+        Ok(ServerFrame::Devices { id: None, devices })
     }
 
     /// Appends a user-scoped setting (`DeviceRevoked`,

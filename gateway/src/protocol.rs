@@ -13,6 +13,8 @@ use serde_json::Value;
 use std::collections::HashMap;
 use uuid::Uuid;
 
+pub use chat_runtime::now_ms;
+
 /// Protocol version announced in `hello`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -913,6 +915,27 @@ pub enum ServerFrame {
 }
 
 impl ServerFrame {
+    /// Sets the echoed `id` of a frame that answers a request.
+    pub fn set_id(&mut self, new: FrameId) {
+        match self {
+            ServerFrame::Ack { id, .. }
+            | ServerFrame::Error { id, .. }
+            | ServerFrame::History { id, .. }
+            | ServerFrame::Synced { id, .. }
+            | ServerFrame::Chats { id, .. }
+            | ServerFrame::Pong { id, .. }
+            | ServerFrame::Presence { id, .. }
+            | ServerFrame::Receipts { id, .. }
+            | ServerFrame::Devices { id, .. }
+            | ServerFrame::Ok { id } => *id = new,
+            ServerFrame::Hello { .. }
+            | ServerFrame::Reconnect { .. }
+            | ServerFrame::Typing { .. }
+            | ServerFrame::Receipt { .. }
+            | ServerFrame::Muted { .. } => {}
+        }
+    }
+
     pub fn error(id: FrameId, code: ErrorCode, message: impl Into<String>) -> Self {
         ServerFrame::Error {
             id,
@@ -947,14 +970,6 @@ impl ServerFrame {
             ServerFrame::Reconnect { .. } => "reconnect",
         }
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -162,14 +162,6 @@ pub async fn plan(
             current.sort_by_key(|r| r.chat_id);
             targets.extend(current.iter().map(|r| r.chat_id));
             seen.extend(targets.iter().copied());
-            // Chats the client names (also left ones) still get their tail.
-            let mut named: Vec<Uuid> = client
-                .keys()
-                .copied()
-                .filter(|c| !seen.contains(c))
-                .collect();
-            named.sort();
-            targets.extend(named);
         }
         Some(since) => {
             for c in history.changed_chats_since(user, since).await? {
@@ -177,15 +169,16 @@ pub async fn plan(
                     targets.push(c);
                 }
             }
-            let mut named: Vec<Uuid> = client
-                .keys()
-                .copied()
-                .filter(|c| !seen.contains(c))
-                .collect();
-            named.sort();
-            targets.extend(named);
         }
     }
+    // Chats the client names (also left ones) still get their tail.
+    let mut named: Vec<Uuid> = client
+        .keys()
+        .copied()
+        .filter(|c| !seen.contains(c))
+        .collect();
+    named.sort();
+    targets.extend(named);
     Ok(targets
         .into_iter()
         .filter_map(|chat| {

@@ -320,9 +320,4 @@ pub fn third_party_python() -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
-}
+pub use chat_runtime::now_ms;

@@ -413,35 +413,62 @@ async fn login(g: &Global, user: &str) -> Result<()> {
 
 /// Sends a command and waits for its `ack`; `error` becomes a refusal.
 /// `unavailable` and `rate_limited` are retried with the same `client_msg_id`.
-async fn command(g: &Global, frame: Value) -> Result<Value> {
-    let (mut conn, _, _) = connect(g).await?;
-    let r = command_on(&mut conn, frame).await;
-    conn.close().await;
-    r
-}
-
-async fn command_on(conn: &mut Conn, mut frame: Value) -> Result<Value> {
+async fn command(g: &Global, mut frame: Value) -> Result<Value> {
     if frame.get("client_msg_id").is_none_or(Value::is_null) {
         frame["client_msg_id"] = json!(format!("cli-{}", uuid::Uuid::new_v4().simple()));
     }
+    retrying(g, frame, "ack").await
+}
+
+/// Sends `frame` on a new connection until it is answered with a frame of
+/// type `expect`; `error` becomes a refusal, except `unavailable` and
+/// `rate_limited`, which are retried (with backoff) as they are: commands
+/// carry their `client_msg_id`, settings are idempotent.
+async fn retrying(g: &Global, frame: Value, expect: &str) -> Result<Value> {
+    let (mut conn, _, _) = connect(g).await?;
     let mut delay = Duration::from_millis(300);
-    for attempt in 1..=6 {
-        let answer = conn.request(frame.clone(), ANSWER_WITHIN).await?;
-        match answer["type"].as_str() {
-            Some("ack") => return Ok(answer),
-            Some("error") => {
-                let code = answer["code"].as_str().unwrap_or("");
-                if (code == "unavailable" || code == "rate_limited") && attempt < 6 {
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    continue;
-                }
-                return Err(refusal(&answer));
-            }
-            _ => return Err(CliError::Protocol(format!("expected ack, got {answer}"))),
+    let mut attempt = 1;
+    let answer = loop {
+        let answer = match conn.request(frame.clone(), ANSWER_WITHIN).await {
+            Ok(a) => a,
+            Err(e) => break Err(e),
+        };
+        let code = answer["code"].as_str().unwrap_or("");
+        let transient = code == "unavailable" || code == "rate_limited";
+        if answer["type"] == "error" && transient && attempt < 6 {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            attempt += 1;
+            continue;
         }
+        break Ok(answer);
+    };
+    conn.close().await;
+    let answer = answer?;
+    match answer["type"].as_str() {
+        Some(t) if t == expect => Ok(answer),
+        Some("error") => Err(refusal(&answer)),
+        _ => Err(CliError::Protocol(format!(
+            "expected {expect}, got {answer}"
+        ))),
     }
-    Err(CliError::Protocol("unreachable retry loop end".into()))
+}
+
+/// Asks `frame` on a new connection and returns the answer with its array
+/// `field` (`chats`, `devices`, `events`); `error` becomes a refusal.
+async fn query(g: &Global, frame: Value, field: &str) -> Result<(Value, Vec<Value>)> {
+    let (mut conn, _, _) = connect(g).await?;
+    let answer = conn.request(frame, ANSWER_WITHIN).await;
+    conn.close().await;
+    let answer = answer?;
+    if answer["type"] == "error" {
+        return Err(refusal(&answer));
+    }
+    let list = answer[field]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| CliError::Protocol(format!("expected {field}, got {answer}")))?;
+    Ok((answer, list))
 }
 
 /// A command whose text output is "ok".
@@ -462,33 +489,8 @@ async fn done(g: &Global, frame: Value) -> Result<()> {
 }
 
 /// A user setting (`revoke_device`, `presence_settings`), answered by `ok`.
-/// `unavailable` and `rate_limited` are retried (both settings are idempotent).
 async fn setting(g: &Global, frame: Value) -> Result<Value> {
-    let (mut conn, _, _) = connect(g).await?;
-    let r = setting_on(&mut conn, frame).await;
-    conn.close().await;
-    r
-}
-
-async fn setting_on(conn: &mut Conn, frame: Value) -> Result<Value> {
-    let mut delay = Duration::from_millis(300);
-    for attempt in 1..=6 {
-        let answer = conn.request(frame.clone(), ANSWER_WITHIN).await?;
-        match answer["type"].as_str() {
-            Some("ok") => return Ok(answer),
-            Some("error") => {
-                let code = answer["code"].as_str().unwrap_or("");
-                if (code == "unavailable" || code == "rate_limited") && attempt < 6 {
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    continue;
-                }
-                return Err(refusal(&answer));
-            }
-            _ => return Err(CliError::Protocol(format!("expected ok, got {answer}"))),
-        }
-    }
-    Err(CliError::Protocol("unreachable retry loop end".into()))
+    retrying(g, frame, "ok").await
 }
 
 async fn mute(g: &Global, chat: &str, muted: bool) -> Result<()> {
@@ -518,24 +520,14 @@ fn ago(ms: Option<i64>) -> String {
 }
 
 async fn devices(g: &Global) -> Result<()> {
-    let (mut conn, _, _) = connect(g).await?;
-    let answer = conn
-        .request(json!({"type": "devices"}), ANSWER_WITHIN)
-        .await?;
-    conn.close().await;
-    if answer["type"] == "error" {
-        return Err(refusal(&answer));
-    }
-    let list = answer["devices"]
-        .as_array()
-        .ok_or_else(|| CliError::Protocol(format!("expected devices, got {answer}")))?;
+    let (_, list) = query(g, json!({"type": "devices"}), "devices").await?;
     if !g.json {
         println!(
             "{:<24}  {:<7}  {:<10}  {:<10}  REVOKED",
             "DEVICE", "ONLINE", "LAST SEEN", "FIRST SEEN"
         );
     }
-    for d in list {
+    for d in &list {
         out(g.json, d, || {
             format!(
                 "{:<24}  {:<7}  {:<10}  {:<10}  {}{}",
@@ -579,24 +571,14 @@ async fn send(g: &Global, chat: &str, text: &str, client_msg_id: Option<String>)
 }
 
 async fn chats(g: &Global) -> Result<()> {
-    let (mut conn, _, _) = connect(g).await?;
-    let answer = conn
-        .request(json!({"type": "chats"}), ANSWER_WITHIN)
-        .await?;
-    conn.close().await;
-    if answer["type"] == "error" {
-        return Err(refusal(&answer));
-    }
-    let list = answer["chats"]
-        .as_array()
-        .ok_or_else(|| CliError::Protocol(format!("expected chats, got {answer}")))?;
+    let (_, list) = query(g, json!({"type": "chats"}), "chats").await?;
     if !g.json {
         println!(
             "{:<36}  {:<6}  {:>5}  {:>6}  TITLE",
             "CHAT", "KIND", "LAST", "UNREAD"
         );
     }
-    for c in list {
+    for c in &list {
         out(g.json, c, || {
             let unread = c["unread"]
                 .as_u64()
@@ -670,7 +652,6 @@ async fn history(
     after: Option<u64>,
     limit: u32,
 ) -> Result<()> {
-    let (mut conn, _, _) = connect(g).await?;
     let mut f = json!({"type": "history", "chat": chat, "limit": limit});
     if let Some(b) = before {
         f["before"] = json!(b);
@@ -678,15 +659,8 @@ async fn history(
     if let Some(a) = after {
         f["after"] = json!(a);
     }
-    let page = conn.request(f, ANSWER_WITHIN).await?;
-    conn.close().await;
-    if page["type"] == "error" {
-        return Err(refusal(&page));
-    }
-    let events = page["events"]
-        .as_array()
-        .ok_or_else(|| CliError::Protocol(format!("expected history, got {page}")))?;
-    for e in events {
+    let (page, events) = query(g, f, "events").await?;
+    for e in &events {
         // The same shape as live `event` frames.
         let mut e = e.clone();
         e["type"] = json!("event");

@@ -23,3 +23,11 @@ pub use admin::{serve_admin, Health, Metrics};
 pub use config::{load_config, Secret};
 pub use service::{service_main, ServiceConfig};
 pub use shutdown::Shutdown;
+
+/// Milliseconds since the Unix epoch (the unit of every timestamp on the log).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

@@ -5,7 +5,7 @@ use chat_log::{
     SchemaRegistry, TailItem, TailStart, TopicTail, Topics, HEADER_RECIPIENTS,
 };
 use chat_runtime::telemetry::LogFormat;
-use chat_runtime::{Health, Shutdown};
+use chat_runtime::{now_ms, Health, Shutdown};
 use chat_schemas::{Body, Envelope, SessionRouted};
 use chat_sequencer::state::PartitionState;
 use prometheus_client::metrics::counter::Counter;
@@ -290,12 +290,6 @@ async fn follow_ephemeral(
             tracing::debug!(error = %err, "typing indicator not routed");
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Appends the delivery records of one event to `out`.

@@ -6,7 +6,7 @@ use chat_log::{
     HEADER_RECIPIENTS,
 };
 use chat_runtime::telemetry::LogFormat;
-use chat_runtime::{Health, Shutdown};
+use chat_runtime::{now_ms, Health, Shutdown};
 use chat_schemas::{Body, CommandResult, Envelope};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -426,11 +426,4 @@ fn result_envelope(
             reason,
         }),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

@@ -29,7 +29,7 @@ use chat_log::{
     PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
 };
 use chat_runtime::telemetry::LogFormat;
-use chat_runtime::{Health, Shutdown};
+use chat_runtime::{now_ms, Health, Shutdown};
 use chat_schemas::{Body, Envelope, PresenceChanged, PresenceStatus, SessionClosed};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -100,12 +100,6 @@ struct Metrics {
     changes: Counter,
     expired: Counter,
     online: Gauge,
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Runs the aggregator and the table projection until `shutdown`.
@@ -185,21 +179,26 @@ async fn aggregate(
     let token = shutdown.token();
     let ttl = config.gateway_ttl_ms as i64;
     let mut last_expiry = now_ms();
+    // Wake at least once a second to expire silent gateways: cancelling the
+    // wait for a first record loses nothing. One timer a second, not one per
+    // batch.
+    let arm = |tick: &tokio_util::sync::CancellationToken| {
+        let tick = tick.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            tick.cancel();
+        })
+    };
+    let mut tick = token.child_token();
+    let mut waker = arm(&tick);
     loop {
-        // Wake at least once a second to expire silent gateways: cancelling the
-        // wait for a first record loses nothing.
-        let tick = token.child_token();
-        let waker = {
-            let tick = tick.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                tick.cancel();
-            })
-        };
+        if tick.is_cancelled() {
+            tick = token.child_token();
+            waker = arm(&tick);
+        }
         let batch = consumer
             .next_batch(500, Duration::from_millis(2), &tick)
             .await?;
-        waker.abort();
         if token.is_cancelled() {
             break;
         }
@@ -257,6 +256,7 @@ async fn aggregate(
                 .set(states.values().map(|s| s.online_users() as i64).sum());
         }
     }
+    waker.abort();
     tracing::info!("presence aggregator stopping");
     Ok(())
 }
@@ -361,12 +361,15 @@ async fn carry_out(
             Effect::DeviceRevoked { user, device, at } => writes.push((user, device, at, true)),
         }
     }
-    for (user, device, at, revoked) in writes {
-        if revoked {
-            store.device_revoked(&user, &device, at).await?;
-        } else {
-            store.device_seen(&user, &device, at).await?;
-        }
+    for chunk in writes.chunks(32) {
+        let chunk = chunk.iter().map(|(user, device, at, revoked)| async move {
+            if *revoked {
+                store.device_revoked(user, device, *at).await
+            } else {
+                store.device_seen(user, device, *at).await
+            }
+        });
+        futures::future::try_join_all(chunk).await?;
     }
     if !out.is_empty() {
         producer.send_batch(out).await?;
