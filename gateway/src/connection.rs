@@ -36,9 +36,10 @@ use uuid::Uuid;
 use crate::auth::Identity;
 use crate::config::ms;
 use crate::fanout::{Closer, ConnHandle, LiveEvent, ResultMsg, GONE};
+use crate::masking::{MaskCheck, Unmasked};
 use crate::metrics::TypeLabel;
 use crate::protocol::{
-    self, close, now_ms, ClientFrame, ErrorCode, EventJson, FrameId, ServerFrame,
+    self, close, now_ms, About, ClientFrame, ErrorCode, EventJson, FrameId, ServerFrame,
 };
 use crate::server::Shared;
 use crate::sync::{self, Admit, Cursor};
@@ -50,8 +51,10 @@ type WsWrite = fastwebsockets::WebSocketWrite<tokio::io::WriteHalf<Io>>;
 /// The socket's read half, shared between the frame reader and the
 /// lingering close (which reads and discards what the client still sends,
 /// so closing the socket does not reset it before our close frame arrives).
+/// Every byte read passes the [`MaskCheck`]: an unmasked client frame ends
+/// the stream with an [`Unmasked`] error (closed with 1002).
 #[derive(Clone)]
-struct SharedRead(Arc<std::sync::Mutex<tokio::io::ReadHalf<Io>>>);
+struct SharedRead(Arc<std::sync::Mutex<(tokio::io::ReadHalf<Io>, MaskCheck)>>);
 
 impl tokio::io::AsyncRead for SharedRead {
     fn poll_read(
@@ -59,9 +62,18 @@ impl tokio::io::AsyncRead for SharedRead {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        match self.0.lock() {
-            Ok(mut r) => std::pin::Pin::new(&mut *r).poll_read(cx, buf),
-            Err(_) => std::task::Poll::Ready(Err(std::io::Error::other("read half poisoned"))),
+        use std::task::Poll;
+        let Ok(mut guard) = self.0.lock() else {
+            return Poll::Ready(Err(std::io::Error::other("read half poisoned")));
+        };
+        let (read, check) = &mut *guard;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(read).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => match check.feed(&buf.filled()[before..]) {
+                Ok(()) => Poll::Ready(Ok(())),
+                Err(e) => Poll::Ready(Err(std::io::Error::other(e))),
+            },
+            other => other,
         }
     }
 }
@@ -132,7 +144,7 @@ pub(crate) async fn serve(
         let slot = std::sync::OnceLock::new();
         let (rd, wr) = ws.split(|io| {
             let (r, w) = tokio::io::split(io);
-            let r = SharedRead(Arc::new(std::sync::Mutex::new(r)));
+            let r = SharedRead(Arc::new(std::sync::Mutex::new((r, MaskCheck::default()))));
             let _ = slot.set(r.clone());
             (r, w)
         });
@@ -350,6 +362,9 @@ fn read_error_code(e: &WebSocketError) -> u16 {
     match e {
         WebSocketError::FrameTooLarge => close::TOO_BIG,
         WebSocketError::InvalidUTF8 => close::INVALID_PAYLOAD,
+        WebSocketError::IoError(io) if io.get_ref().is_some_and(|e| e.is::<Unmasked>()) => {
+            close::PROTOCOL_ERROR
+        }
         WebSocketError::UnexpectedEOF
         | WebSocketError::IoError(_)
         | WebSocketError::ConnectionClosed => GONE,
@@ -709,7 +724,20 @@ impl Session {
         code: ErrorCode,
         message: impl Into<String>,
     ) -> Result<(), Stop> {
-        self.frame(ServerFrame::error(id, code, message)).await
+        self.error_about(id, code, message, About::default()).await
+    }
+
+    /// An `error` that repeats the chat and `client_msg_id` of the frame it
+    /// answers.
+    async fn error_about(
+        &self,
+        id: FrameId,
+        code: ErrorCode,
+        message: impl Into<String>,
+        about: About,
+    ) -> Result<(), Stop> {
+        self.frame(ServerFrame::error_about(id, code, message, about))
+            .await
     }
 
     async fn on_inbound(&mut self, m: Inbound) -> Result<(), Stop> {
@@ -728,6 +756,7 @@ impl Session {
                     None,
                     ErrorCode::BadFrame,
                     "binary frames are not used; send JSON text",
+                    About::default(),
                 )
                 .await
             }
@@ -742,7 +771,7 @@ impl Session {
                 match parsed {
                     Err(e) => {
                         self.shared.metrics.frame_in("invalid");
-                        self.bad(id, e.code, e.message).await
+                        self.bad(id, e.code, e.message, e.about).await
                     }
                     Ok(frame) => {
                         self.shared.metrics.frame_in(frame.kind());
@@ -765,8 +794,9 @@ impl Session {
         id: FrameId,
         code: ErrorCode,
         message: impl Into<String>,
+        about: About,
     ) -> Result<(), Stop> {
-        self.error(id, code, message).await?;
+        self.error_about(id, code, message, about).await?;
         if code.is_client_fault() {
             self.bad_in_row += 1;
             if self.bad_in_row >= self.shared.config.limits.max_bad_frames {
@@ -807,7 +837,9 @@ impl Session {
                         })
                         .await
                     }
-                    Err((code, message)) => self.error(id, code, message).await,
+                    Err((code, message)) => {
+                        self.error_about(id, code, message, About::chat(chat)).await
+                    }
                 }
             }
             ClientFrame::Chats => {
@@ -834,7 +866,7 @@ impl Session {
             ClientFrame::Typing { chat, active } => self.on_typing(id, chat, active).await,
             ClientFrame::Receipts { chat } => {
                 let answer = self.receipts(chat).await;
-                self.reply(id, answer).await
+                self.reply_about(id, answer, About::chat(chat)).await
             }
             ClientFrame::Devices => {
                 let answer = self.devices().await;
@@ -880,12 +912,17 @@ impl Session {
 
     /// Sends `answer` with the request's `id`, or the error it failed with.
     async fn reply(&mut self, id: FrameId, answer: Answer) -> Result<(), Stop> {
+        self.reply_about(id, answer, About::default()).await
+    }
+
+    /// [`Self::reply`] for a frame about `about` (repeated in an error).
+    async fn reply_about(&mut self, id: FrameId, answer: Answer, about: About) -> Result<(), Stop> {
         match answer {
             Ok(mut frame) => {
                 frame.set_id(id);
                 self.frame(frame).await
             }
-            Err((code, message)) => self.error(id, code, message).await,
+            Err((code, message)) => self.error_about(id, code, message, about).await,
         }
     }
 
@@ -932,13 +969,14 @@ impl Session {
             .is_some_and(|t| t.elapsed() < interval)
         {
             return self
-                .error(
+                .error_about(
                     id,
                     ErrorCode::RateLimited,
                     format!(
                         "at most one typing frame per chat every {} ms",
                         limits.typing_interval_ms
                     ),
+                    About::chat(chat),
                 )
                 .await;
         }
@@ -948,7 +986,7 @@ impl Session {
             .is_some_and(|t| t.elapsed() < MEMBER_CACHE);
         if !known {
             if let Err((code, message)) = self.members_of(chat).await {
-                return self.error(id, code, message).await;
+                return self.error_about(id, code, message, About::chat(chat)).await;
             }
         }
         self.typing_at.insert(chat, Instant::now());
@@ -977,10 +1015,11 @@ impl Session {
         self.typing_at.insert(chat, Instant::now());
         if !matches!(sent, Ok(Ok(_))) {
             return self
-                .error(
+                .error_about(
                     id,
                     ErrorCode::Unavailable,
                     "typing could not be sent; retry",
+                    About::chat(chat),
                 )
                 .await;
         }
@@ -1084,7 +1123,15 @@ impl Session {
                         2,
                         Role::Member,
                     ),
-                    ChatKind::Group => (Uuid::new_v4(), max_group, Role::Member),
+                    // A retry with the same client_msg_id names the same
+                    // group, which the sequencer answers as a duplicate.
+                    ChatKind::Group => (
+                        client_msg_id.as_deref().map_or_else(Uuid::new_v4, |m| {
+                            chat_schemas::group_chat_id(&self.user, &self.device, m)
+                        }),
+                        max_group,
+                        Role::Member,
+                    ),
                 };
                 let creator_role = if kind == ChatKind::Direct {
                     Role::Member
@@ -1196,6 +1243,7 @@ impl Session {
 
     async fn on_command(&mut self, id: FrameId, frame: ClientFrame) -> Result<(), Stop> {
         let kind = frame.kind();
+        let about = frame.about();
         if let ClientFrame::CreateChat {
             kind: ChatKind::Direct,
             members,
@@ -1204,16 +1252,22 @@ impl Session {
         {
             if members.first() == Some(&self.user) {
                 return self
-                    .bad(id, ErrorCode::Invalid, "a direct chat is with another user")
+                    .bad(
+                        id,
+                        ErrorCode::Invalid,
+                        "a direct chat is with another user",
+                        about,
+                    )
                     .await;
             }
         }
         if self.pending.len() >= self.shared.config.limits.max_pending_commands {
             return self
-                .error(
+                .error_about(
                     id,
                     ErrorCode::RateLimited,
                     "too many commands waiting for their ack",
+                    about,
                 )
                 .await;
         }
@@ -1222,11 +1276,18 @@ impl Session {
         let is_receipt = matches!(frame, ClientFrame::Receipt { .. });
         if !is_receipt && !self.shared.limiter.try_acquire(&self.user) {
             return self
-                .error(id, ErrorCode::RateLimited, "too many commands; slow down")
+                .error_about(
+                    id,
+                    ErrorCode::RateLimited,
+                    "too many commands; slow down",
+                    about,
+                )
                 .await;
         }
         let Some((chat, client_msg_id, body)) = self.command_body(frame) else {
-            return self.error(id, ErrorCode::Internal, "not a command").await;
+            return self
+                .error_about(id, ErrorCode::Internal, "not a command", about)
+                .await;
         };
         let command_id = Uuid::new_v4();
         let trace_id = Uuid::new_v4().simple().to_string();
@@ -1249,7 +1310,15 @@ impl Session {
         if self.cmd_tx.try_send(env).is_err() {
             self.shared.hub.remove_pending(command_id);
             return self
-                .error(id, ErrorCode::Unavailable, "command queue full; retry")
+                .error_about(
+                    id,
+                    ErrorCode::Unavailable,
+                    "command queue full; retry",
+                    About {
+                        chat: Some(chat),
+                        client_msg_id,
+                    },
+                )
                 .await;
         }
         self.shared

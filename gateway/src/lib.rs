@@ -24,6 +24,7 @@ pub mod config;
 pub mod connection;
 pub mod fanout;
 pub mod history;
+pub mod masking;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;

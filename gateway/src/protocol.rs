@@ -122,6 +122,8 @@ pub type FrameId = Option<Value>;
 pub struct FrameError {
     pub code: ErrorCode,
     pub message: String,
+    /// What the refused frame was about, echoed in the `error` frame.
+    pub about: About,
 }
 
 impl FrameError {
@@ -129,6 +131,44 @@ impl FrameError {
         Self {
             code,
             message: message.into(),
+            about: About::default(),
+        }
+    }
+}
+
+/// The chat and `client_msg_id` a frame names, as far as they are valid:
+/// an `error` answering the frame repeats them so a client can match it to
+/// its outbox entry (PROTOCOL.md, `error`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct About {
+    pub chat: Option<Uuid>,
+    pub client_msg_id: Option<String>,
+}
+
+impl About {
+    /// About `chat` only (queries that name a chat).
+    pub fn chat(chat: Uuid) -> Self {
+        Self {
+            chat: Some(chat),
+            client_msg_id: None,
+        }
+    }
+
+    /// Reads `chat` and `client_msg_id` from a frame that failed to parse;
+    /// a field that is itself malformed is left out.
+    fn of_raw(map: &serde_json::Map<String, Value>) -> Self {
+        let chat = map
+            .get("chat")
+            .and_then(Value::as_str)
+            .and_then(|c| Uuid::parse_str(c).ok());
+        let client_msg_id = map
+            .get("client_msg_id")
+            .and_then(Value::as_str)
+            .filter(|m| check_client_msg_id(m).is_ok())
+            .map(str::to_string);
+        Self {
+            chat,
+            client_msg_id,
         }
     }
 }
@@ -214,6 +254,55 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// The chat and `client_msg_id` the frame names (for `error` frames).
+    pub fn about(&self) -> About {
+        let (chat, client_msg_id) = match self {
+            ClientFrame::Send {
+                chat,
+                client_msg_id,
+                ..
+            } => (Some(*chat), Some(client_msg_id)),
+            ClientFrame::CreateChat { client_msg_id, .. } => (None, client_msg_id.as_ref()),
+            ClientFrame::AddMember {
+                chat,
+                client_msg_id,
+                ..
+            }
+            | ClientFrame::RemoveMember {
+                chat,
+                client_msg_id,
+                ..
+            }
+            | ClientFrame::ChangeRole {
+                chat,
+                client_msg_id,
+                ..
+            }
+            | ClientFrame::Leave {
+                chat,
+                client_msg_id,
+            }
+            | ClientFrame::Receipt {
+                chat,
+                client_msg_id,
+                ..
+            }
+            | ClientFrame::Mute {
+                chat,
+                client_msg_id,
+                ..
+            } => (Some(*chat), client_msg_id.as_ref()),
+            ClientFrame::History { chat, .. }
+            | ClientFrame::Typing { chat, .. }
+            | ClientFrame::Receipts { chat } => (Some(*chat), None),
+            _ => (None, None),
+        };
+        About {
+            chat,
+            client_msg_id: client_msg_id.cloned(),
+        }
+    }
+
     /// The frame's `type`, for metrics and logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -435,8 +524,13 @@ pub fn parse(text: &str, limits: &ParseLimits) -> (FrameId, Result<ClientFrame, 
             )
         }
     };
+    let about = About::of_raw(&map);
     let body = Value::Object(map);
-    (id, parse_body(&kind, body, limits))
+    let parsed = parse_body(&kind, body, limits).map_err(|mut e| {
+        e.about = about;
+        e
+    });
+    (id, parsed)
 }
 
 fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFrame, FrameError> {
@@ -937,12 +1031,22 @@ impl ServerFrame {
     }
 
     pub fn error(id: FrameId, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::error_about(id, code, message, About::default())
+    }
+
+    /// An `error` answering a frame that named a chat or a `client_msg_id`.
+    pub fn error_about(
+        id: FrameId,
+        code: ErrorCode,
+        message: impl Into<String>,
+        about: About,
+    ) -> Self {
         ServerFrame::Error {
             id,
             code: code.as_str(),
             message: message.into(),
-            chat: None,
-            client_msg_id: None,
+            chat: about.chat,
+            client_msg_id: about.client_msg_id,
         }
     }
 

@@ -339,6 +339,23 @@ async fn upgrades_without_a_valid_token_get_401_json() {
         .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_device");
+    // A valid token whose `device` claim is malformed: the device is bad,
+    // not the token (PROTOCOL.md: 400 invalid_device).
+    for bad in ["", "a b", "a/b", &"x".repeat(65)] {
+        let claim = jsonwebtoken::encode(
+            &header,
+            &json!({"sub":"alice","exp": exp, "device": bad}),
+            &key,
+        )
+        .unwrap();
+        let r = get(&format!("?token={claim}")).await.unwrap();
+        assert_eq!(r.status(), 400, "device claim {bad:?}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"],
+            "invalid_device",
+            "device claim {bad:?}"
+        );
+    }
     // Valid, but not a WebSocket request: 426.
     let r = get(&format!("?token={token}")).await.unwrap();
     assert_eq!(r.status(), 426);

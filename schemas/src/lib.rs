@@ -77,6 +77,19 @@ pub fn direct_chat_id(a: &str, b: &str) -> uuid::Uuid {
     uuid::Uuid::new_v5(&DIRECT_CHAT_NAMESPACE, name.as_bytes())
 }
 
+/// Namespace of the ids of groups created with a `client_msg_id`.
+const GROUP_CHAT_NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6368_6174_2d76_312d_6772_6f75_7000_0001);
+
+/// The id of the group that `user` creates from `device` with
+/// `client_msg_id`: a UUIDv5 of the three (the sequencer's dedupe key), so a
+/// retried `create_chat` names the same chat and is answered as a duplicate
+/// instead of creating a second group.
+pub fn group_chat_id(user: &str, device: &str, client_msg_id: &str) -> uuid::Uuid {
+    let name = format!("{user}\u{0}{device}\u{0}{client_msg_id}");
+    uuid::Uuid::new_v5(&GROUP_CHAT_NAMESPACE, name.as_bytes())
+}
+
 /// `SessionRouted.router_offsets` value for a partition the answering router
 /// does not route (not assigned to it, or nothing routed yet): the largest
 /// Avro `long`, so it survives the wire unchanged.
@@ -99,5 +112,19 @@ mod direct_tests {
             super::direct_chat_id("ab", "c"),
             super::direct_chat_id("a", "bc")
         );
+    }
+
+    #[test]
+    fn group_chat_id_is_per_user_device_and_client_msg_id() {
+        let id = super::group_chat_id("ann", "phone", "g-1");
+        assert_eq!(id, super::group_chat_id("ann", "phone", "g-1"));
+        assert_ne!(id, super::group_chat_id("ann", "phone", "g-2"));
+        assert_ne!(id, super::group_chat_id("ann", "laptop", "g-1"));
+        assert_ne!(id, super::group_chat_id("bob", "phone", "g-1"));
+        assert_ne!(
+            super::group_chat_id("a", "bc", "d"),
+            super::group_chat_id("ab", "c", "d")
+        );
+        assert_ne!(id, super::direct_chat_id("ann", "phone"));
     }
 }
