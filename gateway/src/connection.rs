@@ -229,6 +229,8 @@ async fn run(
         settle: Vec::new(),
         members: HashMap::new(),
         typing_at: HashMap::new(),
+        sync_parts: None,
+        told: HashMap::new(),
     };
     let outcome = AssertUnwindSafe(async {
         if session.open().await {
@@ -548,6 +550,15 @@ struct Session {
     members: HashMap<Uuid, Instant>,
     /// When this connection last sent `typing` per chat (rate limit).
     typing_at: HashMap<Uuid, Instant>,
+    /// The `since` and chats of `sync` frames sent with `more: true`, until
+    /// the frame that completes the sync.
+    sync_parts: Option<(Option<i64>, HashMap<Uuid, u64>)>,
+    /// Per `chat.events` partition, the offset after the newest event this
+    /// connection was told of (an `event` or `receipt` sent, a command
+    /// acked). Reads wait until the history projector passed it
+    /// ([`Session::consistent`]), so an answer is never older than what the
+    /// client already saw.
+    told: HashMap<i32, i64>,
 }
 
 /// The answer to a query frame, or the error code and message to send.
@@ -626,6 +637,8 @@ impl Session {
                 max_watched_chats: l.max_watched_chats,
                 typing_interval_ms: l.typing_interval_ms,
                 typing_ttl_ms: l.typing_ttl_ms,
+                sync_chats_per_frame: protocol::sync_chats_per_frame(l.max_frame_bytes),
+                max_sync_chats: protocol::MAX_SYNC_CHATS,
             },
         };
         tracing::info!("connection open");
@@ -766,6 +779,9 @@ impl Session {
                     max_text_bytes: self.shared.config.limits.max_text_bytes,
                     max_history_limit: self.shared.config.limits.max_history_limit,
                     max_group_members: self.shared.config.limits.max_group_members,
+                    sync_chats_per_frame: protocol::sync_chats_per_frame(
+                        self.shared.config.limits.max_frame_bytes,
+                    ),
                 };
                 let (id, parsed) = protocol::parse(&text, &limits);
                 match parsed {
@@ -811,13 +827,18 @@ impl Session {
     async fn on_frame(&mut self, id: FrameId, frame: ClientFrame) -> Result<(), Stop> {
         match frame {
             ClientFrame::Ping => self.frame(ServerFrame::Pong { id, ts: now_ms() }).await,
-            ClientFrame::Sync { since, chats } => self.on_sync(id, since, chats).await,
+            ClientFrame::Sync { since, chats, more } => {
+                self.on_sync_part(id, since, chats, more).await
+            }
             ClientFrame::History {
                 chat,
                 before,
                 after,
                 limit,
             } => {
+                if let Err((code, message)) = self.consistent().await {
+                    return self.error_about(id, code, message, About::chat(chat)).await;
+                }
                 let page = sync::history_page(
                     self.shared.history.as_ref(),
                     &self.user,
@@ -843,6 +864,9 @@ impl Session {
                 }
             }
             ClientFrame::Chats => {
+                if let Err((code, message)) = self.consistent().await {
+                    return self.error(id, code, message).await;
+                }
                 match sync::chat_list(self.shared.history.as_ref(), &self.user).await {
                     Ok(chats) => {
                         let unread_total = chats.iter().map(|c| c.unread).sum();
@@ -888,9 +912,47 @@ impl Session {
         }
     }
 
+    /// Records that the client was told of the `chat.events` record at
+    /// `position`.
+    fn tell(&mut self, position: Option<(i32, i64)>) {
+        if let Some((partition, offset)) = position {
+            let next = self.told.entry(partition).or_insert(offset + 1);
+            *next = (*next).max(offset + 1);
+        }
+    }
+
+    /// The read barrier: waits until the history projector wrote every
+    /// event this connection was told of, so what a read answers is at
+    /// least as new as what the client has seen (PROTOCOL.md, "Reads").
+    async fn consistent(&self) -> Result<(), (ErrorCode, String)> {
+        let s = &self.shared;
+        if s.projected.covers(&self.told) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let timeout = ms(s.config.timeouts.sync_progress_ms);
+        let reached = s
+            .projected
+            .wait_for(s.history.as_ref(), &self.told, timeout)
+            .await;
+        s.metrics
+            .read_barrier_wait
+            .observe(started.elapsed().as_secs_f64());
+        if reached {
+            Ok(())
+        } else {
+            tracing::warn!(told = ?self.told, "history projector behind what this connection saw");
+            Err((
+                ErrorCode::Unavailable,
+                "history is catching up with what you were sent; retry".into(),
+            ))
+        }
+    }
+
     /// The current members of `chat` if the user is one of them; else the
     /// error to answer (`unknown_chat`, `not_member`, `unavailable`).
     async fn members_of(&mut self, chat: Uuid) -> Result<Vec<String>, (ErrorCode, String)> {
+        self.consistent().await?;
         let history = self.shared.history.as_ref();
         let members = history
             .members(chat)
@@ -1371,6 +1433,11 @@ impl Session {
                     .observe(p.started.elapsed().as_secs_f64());
                 match (r.outcome, r.seq) {
                     (CommandOutcome::Accepted | CommandOutcome::Duplicate, seq) => {
+                        let position = r
+                            .event_partition
+                            .and_then(|p| i32::try_from(p).ok())
+                            .zip(r.event_offset.and_then(|o| i64::try_from(o).ok()));
+                        self.tell(position);
                         self.frame(ServerFrame::Ack {
                             id: p.id,
                             chat: p.chat,
@@ -1447,6 +1514,38 @@ impl Session {
         Ok(())
     }
 
+    /// A `sync` frame: with `more`, its chats are kept for the next one;
+    /// without, the sync runs with every part's chats.
+    async fn on_sync_part(
+        &mut self,
+        id: FrameId,
+        since: Option<i64>,
+        chats: HashMap<Uuid, u64>,
+        more: bool,
+    ) -> Result<(), Stop> {
+        let (earlier_since, mut all) = self.sync_parts.take().unwrap_or_default();
+        let since = since.or(earlier_since);
+        all.extend(chats);
+        if all.len() > protocol::MAX_SYNC_CHATS {
+            return self
+                .bad(
+                    id,
+                    ErrorCode::TooLarge,
+                    format!(
+                        "a sync names at most {} chats in all its frames",
+                        protocol::MAX_SYNC_CHATS
+                    ),
+                    About::default(),
+                )
+                .await;
+        }
+        if more {
+            self.sync_parts = Some((since, all));
+            return Ok(());
+        }
+        self.on_sync(id, since, all).await
+    }
+
     async fn on_sync(
         &mut self,
         id: FrameId,
@@ -1472,6 +1571,9 @@ impl Session {
                 }
                 _ => tracing::warn!("no SessionRouted from the router in time; syncing anyway"),
             }
+        }
+        if let Err((code, message)) = self.consistent().await {
+            return self.error(id, code, message).await;
         }
         let read_start = now_ms();
         let plans = match sync::plan(history.as_ref(), &self.user, since, &client).await {
@@ -1595,7 +1697,9 @@ impl Session {
 
     async fn on_live(&mut self, e: LiveEvent) -> Result<(), Stop> {
         let Some(seq) = e.seq else {
-            return self.send_text(Outbound::Shared(e.frame), "event").await;
+            self.send_text(Outbound::Shared(e.frame), "event").await?;
+            self.tell(e.position);
+            return Ok(());
         };
         match self.cursor.admit(e.chat, seq) {
             Admit::Duplicate => {
@@ -1630,6 +1734,7 @@ impl Session {
         }
         self.send_text(Outbound::Shared(e.frame), "event").await?;
         self.cursor.advance(e.chat, seq);
+        self.tell(e.position);
         Ok(())
     }
 }

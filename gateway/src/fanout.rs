@@ -14,7 +14,10 @@
 //! one closes that connection with 4008 (slow consumer); other connections
 //! are not affected.
 
-use chat_log::{ConsumedEvent, TailItem, TopicTail, HEADER_RECIPIENTS};
+use chat_log::{
+    parse_events_position, ConsumedEvent, TailItem, TopicTail, HEADER_EVENTS_POSITION,
+    HEADER_RECIPIENTS,
+};
 use chat_schemas::{Body, CommandResult};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -79,6 +82,10 @@ pub struct LiveEvent {
     pub chat: Uuid,
     pub seq: Option<u64>,
     pub frame: Arc<str>,
+    /// `(partition, offset)` of the event in `chat.events` (the router's
+    /// `events_position` header): once sent, the connection's reads wait
+    /// for projections to pass it.
+    pub position: Option<(i32, i64)>,
 }
 
 /// What the hub forwards to a connection about its commands.
@@ -224,7 +231,7 @@ impl Hub {
         let n = per_conn.len();
         for (conn, users) in per_conn.into_values() {
             let frame = ServerFrame::Presence { id: None, users }.to_json();
-            self.offer(&conn, Uuid::nil(), frame.into());
+            self.offer(&conn, Uuid::nil(), frame.into(), None);
         }
         n
     }
@@ -259,13 +266,14 @@ impl Hub {
     }
 
     /// Queues a frame without a seq for one connection (4008 when full).
-    fn offer(&self, conn: &ConnHandle, chat: Uuid, frame: Arc<str>) {
+    fn offer(&self, conn: &ConnHandle, chat: Uuid, frame: Arc<str>, position: Option<(i32, i64)>) {
         self.offer_event(
             conn,
             LiveEvent {
                 chat,
                 seq: None,
                 frame,
+                position,
             },
         );
     }
@@ -356,7 +364,7 @@ impl Hub {
                 .into();
                 if let Ok(users) = self.users.read() {
                     for conn in users.get(&envelope.sender_user).into_iter().flatten() {
-                        self.offer(conn, chat, frame.clone());
+                        self.offer(conn, chat, frame.clone(), position(record));
                     }
                 }
             }
@@ -426,7 +434,7 @@ impl Hub {
                     own || watching
                 };
                 if wanted {
-                    self.offer(conn, chat, frame.clone());
+                    self.offer(conn, chat, frame.clone(), position(record));
                 }
             }
         }
@@ -451,6 +459,7 @@ impl Hub {
             chat: event.chat,
             seq: event.seq,
             frame: Arc::from(event.frame()),
+            position: position(record),
         };
         let Ok(users) = self.users.read() else {
             return;
@@ -464,6 +473,14 @@ impl Hub {
 }
 
 /// Tails the deliveries partition into `hub` until `stop` fires.
+/// The `chat.events` position a delivery record carries (none on typing
+/// indicators, which are not in `chat.events`).
+fn position(record: &ConsumedEvent) -> Option<(i32, i64)> {
+    record
+        .header_bytes(HEADER_EVENTS_POSITION)
+        .and_then(parse_events_position)
+}
+
 /// The users of a `recipients` header (comma-separated).
 fn recipient_list(header: &str) -> impl Iterator<Item = &str> {
     header.split(',').map(str::trim).filter(|u| !u.is_empty())
@@ -747,6 +764,8 @@ mod tests {
             seq: Some(5),
             code: None,
             reason: None,
+            event_partition: Some(3),
+            event_offset: Some(41),
         });
         h.dispatch(&record("gw-a", result.clone(), None));
         assert!(matches!(rrx.try_recv(), Ok(ResultMsg::Sequencer(r)) if r.seq == Some(5)));

@@ -46,6 +46,8 @@ pub struct GatewayMetrics {
     pub closes: Family<CloseLabel, Counter>,
     pub ack_latency: Histogram,
     pub sync_duration: Histogram,
+    /// Time reads waited for the history projector (only reads that had to).
+    pub read_barrier_wait: Histogram,
     pub sync_events: Counter,
     /// Events a settle check found in history that the live path had not brought.
     pub settle_events: Counter,
@@ -70,6 +72,7 @@ impl GatewayMetrics {
             closes: Family::default(),
             ack_latency: latency_histogram(),
             sync_duration: latency_histogram(),
+            read_barrier_wait: latency_histogram(),
             sync_events: Counter::default(),
             settle_events: Counter::default(),
             live_duplicates_dropped: Counter::default(),
@@ -118,6 +121,11 @@ impl GatewayMetrics {
             "sync_duration_seconds",
             "From a sync frame to its synced frame",
             m.sync_duration.clone(),
+        );
+        registry.register(
+            "read_barrier_wait_seconds",
+            "How long reads (history, chats, sync, membership checks) waited for the history projector to pass what the connection was sent",
+            m.read_barrier_wait.clone(),
         );
         registry.register("sync_events", "Events sent by sync", m.sync_events.clone());
         registry.register(

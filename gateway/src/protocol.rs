@@ -218,6 +218,8 @@ pub enum ClientFrame {
     Sync {
         since: Option<i64>,
         chats: HashMap<Uuid, u64>,
+        /// More `chats` of this sync follow in the next `sync` frame.
+        more: bool,
     },
     Chats,
     Ping,
@@ -338,10 +340,26 @@ pub struct ParseLimits {
     pub max_text_bytes: usize,
     pub max_history_limit: u32,
     pub max_group_members: u32,
+    /// Most `sync.chats` entries in one frame ([`sync_chats_per_frame`]).
+    pub sync_chats_per_frame: usize,
 }
 
-/// Most `sync.chats` entries.
-pub const MAX_SYNC_CHATS: usize = 5_000;
+/// Most `sync.chats` entries in all the parts of one sync together.
+pub const MAX_SYNC_CHATS: usize = 20_000;
+
+/// Bytes a `sync.chats` entry may take: `"<36-char uuid>":<seq up to 20
+/// digits>,` is at most 61 bytes of compact JSON; 64 leaves room.
+const SYNC_ENTRY_BYTES: usize = 64;
+/// Bytes of a `sync` frame besides its entries (`type`, `id`, `since`, `more`).
+const SYNC_FRAME_OVERHEAD: usize = 1_024;
+
+/// How many `sync.chats` entries one frame may carry: as many as surely fit
+/// in `max_frame_bytes`, so the two limits cannot contradict each other
+/// (1,008 for the default 65,536). More chats go in several `sync` frames
+/// (`more: true`).
+pub fn sync_chats_per_frame(max_frame_bytes: usize) -> usize {
+    (max_frame_bytes.saturating_sub(SYNC_FRAME_OVERHEAD) / SYNC_ENTRY_BYTES).max(1)
+}
 /// Default `history.limit`.
 pub const DEFAULT_HISTORY_LIMIT: u32 = 50;
 /// Longest group title, bytes.
@@ -449,6 +467,8 @@ struct SyncBody {
     since: Option<i64>,
     #[serde(default)]
     chats: Option<HashMap<Uuid, u64>>,
+    #[serde(default)]
+    more: bool,
 }
 
 fn fields<T: for<'de> Deserialize<'de>>(kind: &str, v: Value) -> Result<T, FrameError> {
@@ -678,10 +698,13 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
         "sync" => {
             let b: SyncBody = fields(kind, body)?;
             let chats = b.chats.unwrap_or_default();
-            if chats.len() > MAX_SYNC_CHATS {
+            if chats.len() > limits.sync_chats_per_frame {
                 return Err(FrameError::new(
                     ErrorCode::TooLarge,
-                    format!("sync.chats has at most {MAX_SYNC_CHATS} entries"),
+                    format!(
+                        "sync.chats has at most {} entries per frame; send the rest in further sync frames (more: true)",
+                        limits.sync_chats_per_frame
+                    ),
                 ));
             }
             if b.since.is_some_and(|s| s < 0) {
@@ -693,6 +716,7 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
             Ok(ClientFrame::Sync {
                 since: b.since,
                 chats,
+                more: b.more,
             })
         }
         "chats" => Ok(ClientFrame::Chats),
@@ -864,6 +888,10 @@ pub struct HelloLimits {
     pub max_watched_chats: usize,
     pub typing_interval_ms: u64,
     pub typing_ttl_ms: u64,
+    /// Most `sync.chats` entries in one `sync` frame.
+    pub sync_chats_per_frame: usize,
+    /// Most `sync.chats` entries in all the frames of one sync.
+    pub max_sync_chats: usize,
 }
 
 /// One chat of the `chats` answer.
@@ -1086,6 +1114,7 @@ mod tests {
         max_text_bytes: 10,
         max_history_limit: 100,
         max_group_members: 3,
+        sync_chats_per_frame: 2,
     };
     const CHAT: &str = "5f0c7d8e-1b2a-4c3d-9e8f-0a1b2c3d4e5f";
 
@@ -1199,12 +1228,37 @@ mod tests {
         assert_eq!(code(&h), ErrorCode::Invalid);
         let s = format!(r#"{{"type":"sync","since":null,"chats":{{"{CHAT}":4}}}}"#);
         match parse(&s, &L).1.unwrap() {
-            ClientFrame::Sync { since, chats } => {
+            ClientFrame::Sync { since, chats, more } => {
                 assert_eq!(since, None);
                 assert_eq!(chats.values().copied().collect::<Vec<_>>(), [4]);
+                assert!(!more);
             }
             other => panic!("{other:?}"),
         }
+        // Per frame at most `sync_chats_per_frame` (2 here); `more` continues.
+        let three = format!(
+            r#"{{"type":"sync","chats":{{"{}":1,"{}":1,"{}":1}}}}"#,
+            Uuid::new_v4(),
+            Uuid::new_v4(),
+            Uuid::new_v4()
+        );
+        assert_eq!(code(&three), ErrorCode::TooLarge);
+        let part = format!(r#"{{"type":"sync","more":true,"chats":{{"{CHAT}":4}}}}"#);
+        assert!(matches!(
+            parse(&part, &L).1.unwrap(),
+            ClientFrame::Sync { more: true, .. }
+        ));
+        // The default limits agree with each other: a frame of the most
+        // entries, each as long as JSON allows, fits in max_frame_bytes.
+        let per = sync_chats_per_frame(65_536);
+        let widest: serde_json::Map<String, Value> = (0..per)
+            .map(|_| (Uuid::new_v4().to_string(), Value::from(u64::MAX)))
+            .collect();
+        let frame = serde_json::json!({"type": "sync", "id": "s-0123456789", "since": i64::MAX,
+            "more": true, "chats": widest})
+        .to_string();
+        assert!(frame.len() <= 65_536, "{} bytes", frame.len());
+        assert!(per >= 1_000, "{per}");
         assert!(matches!(
             parse(r#"{"type":"sync"}"#, &L).1.unwrap(),
             ClientFrame::Sync { .. }

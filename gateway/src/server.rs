@@ -59,6 +59,8 @@ pub(crate) struct Shared {
     pub auth: Authenticator,
     pub limiter: RateLimiter,
     pub metrics: Arc<GatewayMetrics>,
+    /// How far the history projector is known to have come (read barrier).
+    pub projected: crate::sync::ProjectedPositions,
     /// Fired at shutdown: no new upgrades; every session says `reconnect`.
     pub drain: CancellationToken,
     pub tracker: TaskTracker,
@@ -293,6 +295,7 @@ async fn start(
         hub,
         auth,
         metrics,
+        projected: crate::sync::ProjectedPositions::default(),
         drain: CancellationToken::new(),
         tracker: TaskTracker::new(),
         sessions: Mutex::default(),

@@ -126,6 +126,64 @@ pub async fn wait_for_progress(
     }
 }
 
+/// The history projector's progress as last read by this gateway, per
+/// `chat.events` partition (only moves forward; shared by every connection),
+/// so a read whose positions it already covers costs no store round trip.
+#[derive(Debug, Default)]
+pub struct ProjectedPositions(std::sync::Mutex<HashMap<i32, i64>>);
+
+impl ProjectedPositions {
+    /// True when every `partition -> next offset` of `want` is projected.
+    pub fn covers(&self, want: &HashMap<i32, i64>) -> bool {
+        let Ok(have) = self.0.lock() else {
+            return false;
+        };
+        want.iter()
+            .all(|(p, o)| have.get(p).is_some_and(|h| h >= o))
+    }
+
+    fn merge(&self, read: &HashMap<i32, i64>) {
+        if let Ok(mut have) = self.0.lock() {
+            for (p, o) in read {
+                let at = have.entry(*p).or_insert(*o);
+                *at = (*at).max(*o);
+            }
+        }
+    }
+
+    /// Waits until the history projector wrote every event before `want`
+    /// (`partition -> next offset`), polling `projector_progress`, at most
+    /// `timeout`. Returns whether it got there.
+    pub async fn wait_for(
+        &self,
+        history: &dyn HistoryReader,
+        want: &HashMap<i32, i64>,
+        timeout: Duration,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            if self.covers(want) {
+                return true;
+            }
+            match history.progress(HISTORY_PROJECTOR).await {
+                Ok(read) => {
+                    self.merge(&read);
+                    if self.covers(want) {
+                        return true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading projector progress failed"),
+            }
+            if Instant::now() + pause > deadline {
+                return false;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+}
+
 /// What to send for one chat.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatPlan {

@@ -541,6 +541,8 @@ async fn commands_are_produced_and_answered_from_the_deliveries_partition() {
                 seq,
                 code: code.map(str::to_string),
                 reason: code.map(|_| "you are not in this chat".to_string()),
+                event_partition: None,
+                event_offset: None,
             }),
         )
     };

@@ -597,10 +597,18 @@ export class ChatClient extends EventTarget {
     if (this.limits.max_watched_chats === undefined) this.features.watch = false;
     this.setState("syncing", "Catching up…");
     this.startHeartbeat();
-    const chats = {};
-    for (const c of this.chats.values()) if (c.lastSeq > 0) chats[c.id] = c.lastSeq;
+    const known = [...this.chats.values()].filter((c) => c.lastSeq > 0);
+    // A frame holds at most limits.sync_chats_per_frame entries; the rest
+    // follow in further sync frames marked `more` (PROTOCOL.md, Sync).
+    const per = this.limits.sync_chats_per_frame || 1000;
     this.syncId = `s${this.nextId++}`;
-    this.raw({ type: "sync", id: this.syncId, since: this.checkpoint, chats });
+    for (let i = 0; i === 0 || i < known.length; i += per) {
+      const chats = Object.fromEntries(known.slice(i, i + per).map((c) => [c.id, c.lastSeq]));
+      const more = i + per < known.length;
+      this.raw(more
+        ? { type: "sync", since: this.checkpoint, chats, more: true }
+        : { type: "sync", id: this.syncId, since: this.checkpoint, chats });
+    }
   }
 
   async onSynced(f) {

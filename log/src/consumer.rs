@@ -45,6 +45,14 @@ impl ConsumedEvent {
             .find(|(k, _)| k == key)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
     }
+
+    /// The raw value of header `key`, if present.
+    pub fn header_bytes(&self, key: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_slice())
+    }
 }
 
 /// Every header of a message, owned.

@@ -51,3 +51,35 @@ pub const HEADER_GATEWAY_ID: &str = "gateway_id";
 /// Kafka header on `chat.deliveries` records: comma-separated user ids on the
 /// target gateway that should receive the event.
 pub const HEADER_RECIPIENTS: &str = "recipients";
+/// Kafka header on `chat.deliveries` records of chat events:
+/// `<partition>:<offset>` of the event in `chat.events`, so a gateway knows
+/// how far a projection must have come before it answers a read of a
+/// connection the event was sent to.
+pub const HEADER_EVENTS_POSITION: &str = "events_position";
+
+/// The value of [`HEADER_EVENTS_POSITION`].
+pub fn events_position(partition: i32, offset: i64) -> Vec<u8> {
+    format!("{partition}:{offset}").into_bytes()
+}
+
+/// Reads a [`HEADER_EVENTS_POSITION`] value.
+pub fn parse_events_position(value: &[u8]) -> Option<(i32, i64)> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (p, o) = text.split_once(':')?;
+    Some((p.parse().ok()?, o.parse().ok()?))
+}
+
+#[cfg(test)]
+mod position_tests {
+    #[test]
+    fn events_position_round_trips() {
+        let v = super::events_position(11, 123_456_789_012);
+        assert_eq!(
+            super::parse_events_position(&v),
+            Some((11, 123_456_789_012))
+        );
+        assert_eq!(super::parse_events_position(b"11"), None);
+        assert_eq!(super::parse_events_position(b"x:1"), None);
+        assert_eq!(super::parse_events_position(b"1:-"), None);
+    }
+}

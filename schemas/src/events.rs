@@ -261,6 +261,12 @@ avro_record! {
         code: Option<String>,
         /// Human-readable explanation when rejected.
         reason: Option<String>,
+        /// The `chat.events` partition of the command's event (not rejected).
+        event_partition: Option<u32>,
+        /// An offset of that partition at or after the command's event
+        /// (accepted: the event's own; duplicate: the newest event when
+        /// answered), so the gateway can wait for projections to pass it.
+        event_offset: Option<u64>,
     }
 }
 

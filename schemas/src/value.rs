@@ -41,6 +41,12 @@ pub(crate) fn index_of(list: &[&str], item: &str) -> u32 {
 pub(crate) trait AvroValue: Sized {
     fn to_value(&self) -> Value;
     fn from_value(value: Value, at: At) -> Result<Self, SchemaError>;
+    /// The value of a field the writer's schema did not have: an error,
+    /// except for optional fields, whose Avro default is null (so records
+    /// written before a field was added still decode).
+    fn absent(at: At) -> Result<Self, SchemaError> {
+        Err(shape(at, "a present field"))
+    }
 }
 
 /// Fields of a record value being decoded.
@@ -63,11 +69,10 @@ impl Fields {
             record: self.record,
             field,
         };
-        let slot = self.fields.iter_mut().find(|(name, _)| name == field);
-        let value = slot
-            .map(|(_, v)| std::mem::replace(v, Value::Null))
-            .ok_or_else(|| shape(at, "a present field"))?;
-        T::from_value(value, at)
+        match self.fields.iter_mut().find(|(name, _)| name == field) {
+            Some((_, v)) => T::from_value(std::mem::replace(v, Value::Null), at),
+            None => T::absent(at),
+        }
     }
 }
 
@@ -126,6 +131,9 @@ impl<T: AvroValue> AvroValue for Option<T> {
             Value::Union(1, v) => T::from_value(*v, at).map(Some),
             _ => Err(shape(at, "union [null, T]")),
         }
+    }
+    fn absent(_: At) -> Result<Self, SchemaError> {
+        Ok(None)
     }
 }
 

@@ -141,17 +141,28 @@ fn body() -> impl Strategy<Value = Body> {
                 })
             }
         ),
-        (uuid(), outcome(), of(seq()), of(text()), of(text())).prop_map(
-            |(command_event_id, outcome, seq, code, reason)| {
-                Body::CommandResult(CommandResult {
-                    command_event_id,
-                    outcome,
-                    seq,
-                    code,
-                    reason,
-                })
-            }
-        ),
+        (
+            uuid(),
+            outcome(),
+            of(seq()),
+            of(text()),
+            of(text()),
+            of(0u32..64),
+            of(seq())
+        )
+            .prop_map(
+                |(command_event_id, outcome, seq, code, reason, event_partition, event_offset)| {
+                    Body::CommandResult(CommandResult {
+                        command_event_id,
+                        outcome,
+                        seq,
+                        code,
+                        reason,
+                        event_partition,
+                        event_offset,
+                    })
+                }
+            ),
         session_routed(),
         (text(), uuid(), seq()).prop_map(|(gateway_id, instance_id, interval_ms)| {
             Body::GatewayHeartbeat(GatewayHeartbeat {

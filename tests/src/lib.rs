@@ -180,6 +180,8 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             seq: None,
             code: Some("not_member".into()),
             reason: Some("you are not a member of this chat".into()),
+            event_partition: None,
+            event_offset: None,
         }),
         Body::SessionRouted(SessionRouted {
             session_id: Uuid::new_v4(),

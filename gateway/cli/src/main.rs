@@ -734,13 +734,33 @@ async fn tail_once(
     *connected = true;
     let gateway = conn.gateway().to_string();
     let mut state: SyncState = creds::load_state(&user, &device)?;
-    let chats: serde_json::Map<String, Value> = state
-        .chats
-        .iter()
-        .map(|(k, v)| (k.clone(), json!(v)))
-        .collect();
-    conn.send(&json!({"type": "sync", "id": "sync", "since": state.checkpoint, "chats": chats}))
-        .await?;
+    // A frame holds at most `sync_chats_per_frame` entries; the rest follow
+    // in further `sync` frames marked `more` (PROTOCOL.md, Sync).
+    let per = conn.hello["limits"]["sync_chats_per_frame"]
+        .as_u64()
+        .map_or(1000, |n| n.max(1) as usize);
+    let known: Vec<(&String, &u64)> = state.chats.iter().collect();
+    let mut parts = known.chunks(per).peekable();
+    loop {
+        let chats: serde_json::Map<String, Value> = parts
+            .next()
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| ((*k).clone(), json!(v)))
+            .collect();
+        if parts.peek().is_some() {
+            conn.send(
+                &json!({"type": "sync", "since": state.checkpoint, "chats": chats, "more": true}),
+            )
+            .await?;
+        } else {
+            conn.send(
+                &json!({"type": "sync", "id": "sync", "since": state.checkpoint, "chats": chats}),
+            )
+            .await?;
+            break;
+        }
+    }
     let mut synced = false;
     let mut last_ping = tokio::time::Instant::now();
     // Nothing received for idle_timeout_ms closes the connection: ping as the gateway asks.

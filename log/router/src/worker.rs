@@ -1,8 +1,9 @@
 //! The router's two loops: the session registry tail and the event router.
 
 use chat_log::{
-    deliveries_partition, BatchRecord, EventProducer, LogConfig, Outgoing, PartitionedConsumer,
-    SchemaRegistry, TailItem, TailStart, TopicTail, Topics, HEADER_RECIPIENTS,
+    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, Outgoing,
+    PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
+    HEADER_EVENTS_POSITION, HEADER_RECIPIENTS,
 };
 use chat_runtime::telemetry::LogFormat;
 use chat_runtime::{now_ms, Health, Shutdown};
@@ -329,7 +330,13 @@ fn route(
             partition: Some(deliveries_partition(&gateway, partitions)),
             key: gateway,
             envelope: ev.clone(),
-            headers: vec![(HEADER_RECIPIENTS.into(), users.join(",").into_bytes())],
+            headers: vec![
+                (HEADER_RECIPIENTS.into(), users.join(",").into_bytes()),
+                (
+                    HEADER_EVENTS_POSITION.into(),
+                    events_position(partition, offset),
+                ),
+            ],
         });
     }
 }

@@ -207,7 +207,7 @@ async fn partition_task(
     mut rx: tokio::sync::mpsc::Receiver<Work>,
     fail: tokio::sync::mpsc::UnboundedSender<(i32, i64)>,
 ) {
-    let mut owned: Option<(TxnProducer, PartitionState)> = None;
+    let mut owned: Option<Owned> = None;
     let most = ctx.config.batch_max.max(1) * 4;
     while let Some(Work {
         mut batch,
@@ -238,10 +238,19 @@ async fn partition_task(
     }
 }
 
+/// What a partition task holds while it owns its partition.
+struct Owned {
+    producer: TxnProducer,
+    state: PartitionState,
+    /// Offset of the newest event in the partition of `chat.events`: a
+    /// duplicate's answer names it (the original event is at or before it).
+    newest: Option<i64>,
+}
+
 async fn sequence_and_commit(
     ctx: &PartitionCtx,
     p: i32,
-    owned: &mut Option<(TxnProducer, PartitionState)>,
+    owned: &mut Option<Owned>,
     batch: chat_log::Batch,
     group: chat_log::partitioned::ConsumerGroupMetadata,
 ) -> anyhow::Result<()> {
@@ -256,23 +265,42 @@ async fn sequence_and_commit(
             p,
         )
         .await?;
-        let state = rebuild(&config.log, ctx.registry.clone(), &topics.events, p).await?;
+        let (state, newest) = rebuild(&config.log, ctx.registry.clone(), &topics.events, p).await?;
         metrics.rebuilds.inc();
         tracing::info!(
             partition = p,
             chats = state.chats(),
             "partition state rebuilt"
         );
-        *owned = Some((producer, state));
+        *owned = Some(Owned {
+            producer,
+            state,
+            newest,
+        });
     }
-    let Some((producer, state)) = owned.as_mut() else {
+    let Some(Owned {
+        producer,
+        state,
+        newest,
+    }) = owned.as_mut()
+    else {
         anyhow::bail!("partition {p} has no state");
     };
-    let outputs = sequence_batch(&batch.records, state, config, topics, p, metrics);
+    let Sequenced {
+        outputs,
+        results,
+        last_event,
+    } = sequence_batch(&batch.records, state, config, topics, p, metrics);
     let n = batch.records.len();
     let t0 = std::time::Instant::now();
+    let before = *newest;
     let committed = producer
-        .commit_batch(outputs, batch.next_offset(), group)
+        .commit_batch(
+            outputs,
+            |positions| place_results(results, positions, before, p),
+            batch.next_offset(),
+            group,
+        )
         .await;
     metrics.commit_seconds.observe(t0.elapsed().as_secs_f64());
     tracing::debug!(
@@ -283,10 +311,18 @@ async fn sequence_and_commit(
     );
     // On failure the state already holds the batch's decisions: drop it
     // (the caller rewinds and a new task rebuilds from the log).
-    committed.map_err(|e| {
-        *owned = None;
-        anyhow::anyhow!(e)
-    })
+    match committed {
+        Ok(positions) => {
+            if let Some(last) = last_event.and_then(|i| positions.get(i)) {
+                *newest = Some(last.offset);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            *owned = None;
+            Err(anyhow::anyhow!(e))
+        }
+    }
 }
 
 /// The fold of partition `p` of `chat.events` as committed now.
@@ -295,7 +331,7 @@ async fn rebuild(
     registry: Arc<SchemaRegistry>,
     events_topic: &str,
     p: i32,
-) -> anyhow::Result<PartitionState> {
+) -> anyhow::Result<(PartitionState, Option<i64>)> {
     let tail = TopicTail::open(
         config,
         registry,
@@ -305,13 +341,68 @@ async fn rebuild(
     )
     .await?;
     let mut state = PartitionState::default();
+    let mut newest = None;
     tail.read_to_end(|item| {
         if let TailItem::Event(ev) = item {
             state.apply(&ev.envelope);
+            newest = Some(ev.offset);
         }
     })
     .await?;
-    Ok(state)
+    Ok((state, newest))
+}
+
+/// What a batch appends: events (and dead letters) first, then the results,
+/// which learn their events' offsets from the first phase.
+struct Sequenced {
+    outputs: Vec<OutRecord>,
+    results: Vec<PendingResult>,
+    /// Index in `outputs` of the batch's last event.
+    last_event: Option<usize>,
+}
+
+/// A `CommandResult` waiting for the offset of its event.
+struct PendingResult {
+    record: Outgoing,
+    at: ResultAt,
+}
+
+/// Which offset a result names.
+enum ResultAt {
+    /// Its own event: `outputs[i]`.
+    Own(usize),
+    /// A duplicate: the newest event when it was answered (`outputs[i]`, or
+    /// the partition's newest before the batch when `None`).
+    Newest(Option<usize>),
+    /// A rejection: none.
+    Nowhere,
+}
+
+/// Fills each result's `event_partition` / `event_offset` from the
+/// positions of the first phase.
+fn place_results(
+    results: Vec<PendingResult>,
+    positions: &[chat_log::Produced],
+    before: Option<i64>,
+    partition: i32,
+) -> Vec<OutRecord> {
+    results
+        .into_iter()
+        .map(|PendingResult { mut record, at }| {
+            let position = match at {
+                ResultAt::Own(i) | ResultAt::Newest(Some(i)) => {
+                    positions.get(i).map(|at| (at.partition, at.offset))
+                }
+                ResultAt::Newest(None) => before.map(|o| (partition, o)),
+                ResultAt::Nowhere => None,
+            };
+            if let Body::CommandResult(r) = &mut record.envelope.body {
+                r.event_partition = position.and_then(|(p, _)| u32::try_from(p).ok());
+                r.event_offset = position.and_then(|(_, o)| u64::try_from(o).ok());
+            }
+            OutRecord::Envelope(Box::new(record))
+        })
+        .collect()
 }
 
 fn sequence_batch(
@@ -321,9 +412,11 @@ fn sequence_batch(
     topics: &Topics,
     p: i32,
     metrics: &Metrics,
-) -> Vec<OutRecord> {
+) -> Sequenced {
     let now = now_ms();
-    let mut out = Vec::with_capacity(records.len() * 2);
+    let mut out = Vec::with_capacity(records.len());
+    let mut results = Vec::with_capacity(records.len());
+    let mut last_event = None;
     for rec in records {
         let ev = match rec {
             BatchRecord::Event(ev) => ev,
@@ -357,9 +450,10 @@ fn sequence_batch(
             continue;
         }
         let decision = state.sequence(cmd, &config.limits, now);
-        let (seq, code, reason) = match &decision {
+        let (seq, code, reason, at) = match &decision {
             Decision::Append(event) => {
                 tracing::debug!(seq = ?event.seq, "appended");
+                last_event = Some(out.len());
                 out.push(OutRecord::Envelope(Box::new(Outgoing {
                     topic: topics.events.clone(),
                     partition: Some(p),
@@ -367,12 +461,14 @@ fn sequence_batch(
                     envelope: (**event).clone(),
                     headers: Vec::new(),
                 })));
-                (crate::state::result_seq(event), None, None)
+                let own = ResultAt::Own(out.len() - 1);
+                (crate::state::result_seq(event), None, None, own)
             }
-            Decision::Duplicate { seq } => (Some(*seq), None, None),
+            Decision::Duplicate { seq } => (Some(*seq), None, None, ResultAt::Newest(last_event)),
             Decision::Reject { code, reason } => {
                 tracing::debug!(code, %reason, "rejected");
-                (None, Some(code.to_string()), Some(reason.clone()))
+                let (code, reason) = (Some(code.to_string()), Some(reason.clone()));
+                (None, code, reason, ResultAt::Nowhere)
             }
         };
         let code_label = code.clone().unwrap_or_default();
@@ -384,19 +480,26 @@ fn sequence_batch(
             ])
             .inc();
         if let Some(gateway) = ev.header(HEADER_GATEWAY_ID) {
-            out.push(OutRecord::Envelope(Box::new(Outgoing {
-                topic: topics.deliveries.clone(),
-                partition: Some(deliveries_partition(&gateway, config.log.chat_partitions)),
-                key: gateway,
-                envelope: result_envelope(cmd, decision.outcome(), seq, code, reason, now),
-                headers: vec![(
-                    HEADER_RECIPIENTS.into(),
-                    cmd.sender_user.clone().into_bytes(),
-                )],
-            })));
+            results.push(PendingResult {
+                record: Outgoing {
+                    topic: topics.deliveries.clone(),
+                    partition: Some(deliveries_partition(&gateway, config.log.chat_partitions)),
+                    key: gateway,
+                    envelope: result_envelope(cmd, decision.outcome(), seq, code, reason, now),
+                    headers: vec![(
+                        HEADER_RECIPIENTS.into(),
+                        cmd.sender_user.clone().into_bytes(),
+                    )],
+                },
+                at,
+            });
         }
     }
-    out
+    Sequenced {
+        outputs: out,
+        results,
+        last_event,
+    }
 }
 
 fn result_envelope(
@@ -424,6 +527,9 @@ fn result_envelope(
             seq,
             code,
             reason,
+            // Set by `place_results` once the events are appended.
+            event_partition: None,
+            event_offset: None,
         }),
     }
 }
