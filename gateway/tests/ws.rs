@@ -496,6 +496,27 @@ async fn oversize_invalid_utf8_and_fragment_floods_close_the_connection() {
         .await
         .unwrap();
     assert_eq!(recv(&mut ws).await["code"], "bad_frame");
+
+    // RFC 6455 5.1: a client frame without a mask closes the connection with
+    // 1002, after masked frames were fine; tried many times, with frames of
+    // each length form.
+    for (i, len) in [0usize, 15, 125, 126, 3000, 65_535].iter().enumerate() {
+        let mut ws = e.connect("alice", &format!("m{i}")).await;
+        hello(&mut ws).await;
+        send(&mut ws, json!({"type": "ping", "id": 1})).await;
+        assert_eq!(recv(&mut ws).await["type"], "pong");
+        ws.set_auto_apply_mask(false);
+        let mut text = br#"{"type":"ping","id":2}"#.to_vec();
+        text.resize(text.len().max(*len), b' ');
+        ws.write_frame(Frame::text(Payload::Owned(text)))
+            .await
+            .unwrap();
+        assert_eq!(
+            closed(&mut ws).await,
+            Some(1002),
+            "unmasked frame of {len} bytes"
+        );
+    }
     e.stop().await;
 }
 

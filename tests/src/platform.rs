@@ -444,6 +444,16 @@ impl Client {
         }
     }
 
+    /// Takes the first frame set aside by `request` that satisfies `pred`
+    /// (frames answered before the request's answer), leaving the others.
+    pub fn take_set_aside(
+        &mut self,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let i = self.pending.iter().position(pred)?;
+        self.pending.remove(i)
+    }
+
     /// The next frame: first those set aside by `request`, then the socket.
     pub async fn next(&mut self, timeout: Duration) -> anyhow::Result<Option<Incoming>> {
         match self.pending.pop_front() {
