@@ -208,7 +208,7 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
     }
     assert!(
         failures.is_empty(),
-        "{} of {TRIALS} trials saw a stale read:\n{}",
+        "{} stale reads in {TRIALS} trials:\n{}",
         failures.len(),
         failures.join("\n")
     );
