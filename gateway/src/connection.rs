@@ -1354,13 +1354,20 @@ impl Session {
         let command_id = Uuid::new_v4();
         let trace_id = Uuid::new_v4().simple().to_string();
         let server_ts = now_ms();
+        // Every command enters the log with a client_msg_id, the sequencer's
+        // dedupe key, so one read again after a rebalance is not appended
+        // twice. Receipts need none: a pointer only moves forward.
+        let logged_id = match (&client_msg_id, is_receipt) {
+            (None, false) => Some(assigned_client_msg_id(command_id)),
+            _ => client_msg_id.clone(),
+        };
         let env = Envelope {
             event_id: command_id,
             chat_id: Some(chat),
             seq: None,
             sender_user: self.user.clone(),
             sender_device: self.device.clone(),
-            client_msg_id: client_msg_id.clone(),
+            client_msg_id: logged_id,
             client_ts: None,
             server_ts,
             sequenced_ts: None,
@@ -1737,6 +1744,13 @@ impl Session {
         self.tell(e.position);
         Ok(())
     }
+}
+
+/// The `client_msg_id` the gateway gives a command sent without one: `~`
+/// and the command's id (PROTOCOL.md: events show it; acks echo the
+/// client's own, null).
+fn assigned_client_msg_id(command_id: Uuid) -> String {
+    format!("~{}", command_id.simple())
 }
 
 /// How far before the start of its reads a `synced.checkpoint` is set.

@@ -1,11 +1,11 @@
-//! Deliveries: this gateway's partition of `chat.deliveries` and the local
-//! fan-out of what it carries.
+//! Deliveries: this gateway's partitions of `chat.deliveries` and
+//! `chat.results`, and the local fan-out of what they carry.
 //!
-//! One task tails partition `deliveries_partition(gateway_id, partitions)`
-//! from where it stood at start-up, keeps the records keyed with this
-//! gateway's id, and hands each to the [`Hub`]:
-//! - `CommandResult` → the connection that produced the command (by the
-//!   command's event id);
+//! One task per topic tails partition `deliveries_partition(gateway_id,
+//! partitions)` from where it stood at start-up, keeps the records keyed
+//! with this gateway's id, and hands each to the [`Hub`]:
+//! - `CommandResult` (from `chat.results`) → the connection that produced
+//!   the command (by the command's event id);
 //! - `SessionRouted` → the connection waiting for it (by session id);
 //! - any chat event → every local connection of every user in the record's
 //!   `recipients` header.
@@ -472,7 +472,6 @@ impl Hub {
     }
 }
 
-/// Tails the deliveries partition into `hub` until `stop` fires.
 /// The `chat.events` position a delivery record carries (none on typing
 /// indicators, which are not in `chat.events`).
 fn position(record: &ConsumedEvent) -> Option<(i32, i64)> {
@@ -538,8 +537,11 @@ pub async fn run_presence_tail(
     }
 }
 
+/// Tails one of this gateway's partitions (`component`: `deliveries` or
+/// `results`, also its name in `/health`) into `hub` until `stop` fires.
 pub async fn run_tail(
     tail: TopicTail,
+    component: &'static str,
     hub: Arc<Hub>,
     health: chat_runtime::Health,
     stop: CancellationToken,
@@ -554,7 +556,7 @@ pub async fn run_tail(
             Ok(TailItem::Event(record)) => {
                 if failing {
                     failing = false;
-                    health.ready("deliveries");
+                    health.ready(component);
                 }
                 hub.dispatch(&record);
             }
@@ -563,14 +565,14 @@ pub async fn run_tail(
                 offset,
                 error,
             }) => {
-                tracing::warn!(partition, offset, %error, "undecodable delivery record skipped");
+                tracing::warn!(component, partition, offset, %error, "undecodable record skipped");
             }
             Err(e) => {
                 if !failing {
                     failing = true;
-                    health.not_ready("deliveries", e.to_string());
+                    health.not_ready(component, e.to_string());
                 }
-                tracing::warn!(error = %e, "reading the deliveries partition failed; retrying");
+                tracing::warn!(component, error = %e, "reading this gateway's partition failed; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
         }

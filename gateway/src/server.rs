@@ -206,7 +206,7 @@ async fn start(
         .validate()
         .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
     let health = Health::new();
-    for c in ["kafka", "registry", "cassandra", "deliveries"] {
+    for c in ["kafka", "registry", "cassandra", "deliveries", "results"] {
         health.not_ready(c, "checking");
     }
     chat_log::topics::check_brokers(&config.log).await?;
@@ -232,33 +232,29 @@ async fn start(
     let producer = EventProducer::connect(&config.log, registry.clone()).await?;
     let auth = Authenticator::new(&config.auth, config.dev_login)?;
 
-    // Tail this gateway's deliveries partition from its current end. The
-    // end is read first and the tail opened at that offset, so nothing
-    // written after start-up (a SessionRouted, a result) can be skipped.
+    // Tail this gateway's partitions of chat.deliveries (live events,
+    // SessionRouted, ...) and chat.results (the sequencer's answers) from
+    // their current ends. Two topics, because chat.results is written in
+    // the sequencer's transactions: an open one (a sequencer killed mid-
+    // batch) holds back what read_committed consumers see of its partition
+    // until the transaction is fenced, and must not hold back live events.
     let partition = deliveries_partition(&config.gateway_id, config.log.chat_partitions);
-    let probe = TopicTail::open(
-        &config.log,
-        registry.clone(),
-        &topics.deliveries,
-        Some(vec![partition]),
-        TailStart::End,
-    )
-    .await?;
-    let ends = probe.high_watermarks().await?;
-    drop(probe);
-    let tail = TopicTail::open(
-        &config.log,
-        registry.clone(),
-        &topics.deliveries,
-        Some(vec![partition]),
-        TailStart::Offsets(ends.clone()),
-    )
-    .await?;
+    let (tail, ends) = own_partition(&config, &registry, &topics.deliveries, partition).await?;
     health.ready("deliveries");
+    let (results_tail, _) = own_partition(&config, &registry, &topics.results, partition).await?;
+    health.ready("results");
     let hub = Arc::new(Hub::new(&config.gateway_id, metrics.clone()));
     let tail_stop = CancellationToken::new();
     let tail_task = tokio::spawn(fanout::run_tail(
         tail,
+        "deliveries",
+        hub.clone(),
+        health.clone(),
+        tail_stop.clone(),
+    ));
+    let results_task = tokio::spawn(fanout::run_tail(
+        results_tail,
+        "results",
         hub.clone(),
         health.clone(),
         tail_stop.clone(),
@@ -318,7 +314,7 @@ async fn start(
         app,
         shutdown.clone(),
         tail_stop,
-        tail_task,
+        vec![tail_task, results_task],
     ));
     Ok((
         addr,
@@ -381,7 +377,7 @@ async fn serve(
     app: Router,
     shutdown: Shutdown,
     tail_stop: CancellationToken,
-    tail_task: tokio::task::JoinHandle<()>,
+    tail_tasks: Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let header_timeout = ms(shared.config.timeouts.header_read_ms);
     let heartbeats = {
@@ -499,9 +495,40 @@ async fn serve(
     let left = deadline
         .saturating_duration_since(Instant::now())
         .max(Duration::from_millis(100));
-    let _ = tokio::time::timeout(left, tail_task).await;
+    let _ = tokio::time::timeout(left, futures::future::join_all(tail_tasks)).await;
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// Opens a tail of `topic`'s `partition` at its current end. The end is read
+/// first and the tail opened at that offset, so nothing written after
+/// start-up (a SessionRouted, a result) can be skipped. Returns the tail and
+/// the offset it starts from.
+async fn own_partition(
+    config: &GatewayConfig,
+    registry: &Arc<SchemaRegistry>,
+    topic: &str,
+    partition: i32,
+) -> anyhow::Result<(TopicTail, HashMap<i32, i64>)> {
+    let probe = TopicTail::open(
+        &config.log,
+        registry.clone(),
+        topic,
+        Some(vec![partition]),
+        TailStart::End,
+    )
+    .await?;
+    let ends = probe.high_watermarks().await?;
+    drop(probe);
+    let tail = TopicTail::open(
+        &config.log,
+        registry.clone(),
+        topic,
+        Some(vec![partition]),
+        TailStart::Offsets(ends.clone()),
+    )
+    .await?;
+    Ok((tail, ends))
 }
 
 fn reject(status: StatusCode, code: &str, message: impl Into<String>) -> Response {

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use chat_gateway::history::text_row;
 use chat_gateway::{Gateway, GatewayConfig, GatewayHandle, MemoryHistory};
 use chat_log::{
-    deliveries_partition, EventProducer, LogConfig, SchemaRegistry, TailItem, TailStart, TopicTail,
-    Topics, HEADER_GATEWAY_ID, HEADER_RECIPIENTS,
+    deliveries_partition, EventProducer, LogConfig, OutRecord, Outgoing, SchemaRegistry, TailItem,
+    TailStart, TopicTail, Topics, TxnProducer, HEADER_GATEWAY_ID, HEADER_RECIPIENTS,
 };
 use chat_runtime::Secret;
 use chat_schemas::{
@@ -161,21 +161,21 @@ impl Env {
         Ok(ws)
     }
 
-    /// Plays the router/sequencer: writes `envelope` to the gateway's deliveries partition.
+    /// Plays the router/sequencer: writes `envelope` to the gateway's
+    /// partition of `chat.results` (a `CommandResult`) or `chat.deliveries`.
     async fn deliver(&self, envelope: &Envelope, recipients: Option<&str>) {
+        let topic = if matches!(envelope.body, Body::CommandResult(_)) {
+            &self.topics.results
+        } else {
+            &self.topics.deliveries
+        };
         let partition = deliveries_partition(&self.gateway_id, self.log.chat_partitions);
         let mut headers: Vec<(&str, &[u8])> = Vec::new();
         if let Some(r) = recipients {
             headers.push((HEADER_RECIPIENTS, r.as_bytes()));
         }
         self.producer
-            .send_with(
-                &self.topics.deliveries,
-                Some(partition),
-                &self.gateway_id,
-                envelope,
-                &headers,
-            )
+            .send_with(topic, Some(partition), &self.gateway_id, envelope, &headers)
             .await
             .unwrap();
     }
@@ -629,6 +629,35 @@ async fn commands_are_produced_and_answered_from_the_deliveries_partition() {
         })
         .await;
     assert_eq!(created.envelope.chat_id, Some(direct));
+    // Sent without a client_msg_id, it entered the log with one the gateway
+    // assigned (the sequencer's dedupe key), so a re-read is not appended
+    // twice; so does a membership command. The ack echoes the client's null.
+    let assigned = created.envelope.client_msg_id.clone().unwrap_or_default();
+    assert!(
+        assigned.starts_with('~') && assigned.len() == 33,
+        "{assigned}"
+    );
+    send(&mut ws, json!({"type":"leave","id":"l","chat":chat})).await;
+    let left = e
+        .find(&e.topics.commands.clone(), |r| {
+            matches!(r.envelope.body, Body::MemberRemoved(_))
+        })
+        .await;
+    let assigned = left.envelope.client_msg_id.clone().unwrap_or_default();
+    assert!(assigned.starts_with('~'), "{assigned}");
+    let mut accepted = result(CommandOutcome::Accepted, Some(2), None);
+    if let Body::CommandResult(r) = &mut accepted.body {
+        r.command_event_id = left.envelope.event_id;
+    }
+    e.deliver(&accepted, None).await;
+    let ack = loop {
+        let f = recv(&mut ws).await;
+        if f["id"] == "l" {
+            break f;
+        }
+    };
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["client_msg_id"], Value::Null, "{ack}");
     e.stop().await;
 }
 
@@ -880,6 +909,104 @@ async fn a_handshake_that_never_completes_is_dropped() {
 
 /// The production history path: the gateway reading the real Cassandra
 /// store (`Gateway::start`), in a fresh keyspace.
+/// The next text frame within `wait`, or `Err` (timed out).
+async fn next_text(ws: &mut Ws, wait: Duration) -> Result<Value, tokio::time::error::Elapsed> {
+    tokio::time::timeout(wait, async {
+        loop {
+            let f = ws.read_frame().await.unwrap();
+            if f.opcode == OpCode::Text {
+                return serde_json::from_slice::<Value>(&f.payload).unwrap();
+            }
+        }
+    })
+    .await
+}
+
+/// A sequencer killed in the middle of a batch leaves its transaction open
+/// until a new owner fences it (up to the transaction timeout). Its
+/// `CommandResult`s go to `chat.results`, so the open transaction holds back
+/// nothing on `chat.deliveries`: live events keep flowing.
+#[tokio::test]
+async fn an_open_sequencer_transaction_does_not_hold_back_live_events() {
+    let mut e = env("txn", |_| {}).await;
+    let chat = Uuid::new_v4();
+    e.history.join("alice", chat, 1, 1_000);
+    let mut ws = e.connect("alice", "d1").await;
+    hello(&mut ws).await;
+    send(&mut ws, json!({"type":"sync","id":"s","since":null})).await;
+    assert_eq!(recv(&mut ws).await["type"], "synced");
+    let partition = deliveries_partition(&e.gateway_id, e.log.chat_partitions);
+    let stuck_record = |topic: &str| {
+        OutRecord::Envelope(Box::new(Outgoing {
+            topic: topic.to_string(),
+            partition: Some(partition),
+            key: e.gateway_id.clone(),
+            envelope: envelope(
+                Some(chat),
+                None,
+                "sequencer",
+                Body::CommandResult(CommandResult {
+                    command_event_id: Uuid::new_v4(),
+                    outcome: CommandOutcome::Accepted,
+                    seq: Some(9),
+                    code: None,
+                    reason: None,
+                    event_partition: None,
+                    event_offset: None,
+                }),
+            ),
+            headers: Vec::new(),
+        }))
+    };
+
+    // A transaction left open on this gateway's partition of chat.results.
+    let results = TxnProducer::init(&e.log, e.registry.clone(), "stuck-a", &e.topics.commands, 0)
+        .await
+        .unwrap();
+    results
+        .append_uncommitted(vec![stuck_record(&e.topics.results)])
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        e.deliver(
+            &envelope(Some(chat), Some(seq), "bob", text(&format!("m{seq}"))),
+            Some("alice"),
+        )
+        .await;
+        let f = next_text(&mut ws, Duration::from_secs(5))
+            .await
+            .expect("a live event arrives while a sequencer transaction is open");
+        assert_eq!(f["seq"], seq, "{f}");
+    }
+
+    // Why results have their own topic: the same open transaction on
+    // chat.deliveries holds back the live event behind it until it ends.
+    let deliveries =
+        TxnProducer::init(&e.log, e.registry.clone(), "stuck-b", &e.topics.commands, 0)
+            .await
+            .unwrap();
+    deliveries
+        .append_uncommitted(vec![stuck_record(&e.topics.deliveries)])
+        .await
+        .unwrap();
+    e.deliver(
+        &envelope(Some(chat), Some(4), "bob", text("m4")),
+        Some("alice"),
+    )
+    .await;
+    assert!(
+        next_text(&mut ws, Duration::from_secs(3)).await.is_err(),
+        "an open transaction on chat.deliveries holds back what follows it"
+    );
+    deliveries.abort().await.unwrap();
+    let f = next_text(&mut ws, Duration::from_secs(10))
+        .await
+        .expect("released by the abort");
+    assert_eq!(f["seq"], 4, "{f}");
+    results.abort().await.unwrap();
+    e.stop().await;
+}
+
 #[tokio::test]
 async fn sync_and_history_from_the_real_store() {
     use chat_projectors::store::{self, ChatRow, StoreConfig};

@@ -463,6 +463,34 @@ impl TxnProducer {
         Ok(positions)
     }
 
+    /// Fault injection for tests: appends `outputs` in a transaction and
+    /// leaves it open, as a process killed in the middle of a batch does.
+    /// Until [`Self::abort`] (or the transaction timeout), read-committed
+    /// consumers of the partitions it touched see nothing past its records.
+    pub async fn append_uncommitted(
+        &self,
+        outputs: Vec<OutRecord>,
+    ) -> Result<Vec<Produced>, TxnError> {
+        let records = self.encode(outputs).await?;
+        let p = self.inner.clone();
+        tokio::task::spawn_blocking(move || -> Result<Vec<Produced>, String> {
+            p.begin_transaction().map_err(|e| e.to_string())?;
+            send_all(&p, &records)
+        })
+        .await
+        .map_err(|e| TxnError::Aborted(e.to_string()))?
+        .map_err(TxnError::Aborted)
+    }
+
+    /// Aborts the open transaction, if any.
+    pub async fn abort(&self) -> Result<(), TxnError> {
+        let p = self.inner.clone();
+        tokio::task::spawn_blocking(move || p.abort_transaction(TXN_TIMEOUT))
+            .await
+            .map_err(|e| TxnError::Aborted(e.to_string()))?
+            .map_err(|e| TxnError::Aborted(e.to_string()))
+    }
+
     async fn encode(&self, outputs: Vec<OutRecord>) -> Result<Vec<Encoded>, TxnError> {
         let mut encoded = Vec::with_capacity(outputs.len());
         for out in outputs {

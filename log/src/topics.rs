@@ -9,6 +9,7 @@
 //! | `chat.presence` | user id | presence changes (compacted: the latest per user) |
 //! | `chat.ephemeral` | chat id | typing indicators: routed to watchers, never stored in history (1 hour) |
 //! | `chat.deliveries` | gateway id | events routed to the gateways holding recipients |
+//! | `chat.results` | gateway id | the sequencer's `CommandResult`s (acks), apart from deliveries so an open sequencer transaction never holds back live events |
 //! | `chat.push` | user id | push tasks for users with no live session |
 //! | `chat.dlq` | original key | records that could not be decoded or handled, with their origin in headers |
 
@@ -43,6 +44,7 @@ pub struct Topics {
     pub presence: String,
     pub ephemeral: String,
     pub deliveries: String,
+    pub results: String,
     pub push: String,
     pub dlq: String,
     chat_partitions: i32,
@@ -58,6 +60,7 @@ impl Topics {
             presence: format!("{p}chat.presence"),
             ephemeral: format!("{p}chat.ephemeral"),
             deliveries: format!("{p}chat.deliveries"),
+            results: format!("{p}chat.results"),
             push: format!("{p}chat.push"),
             dlq: format!("{p}chat.dlq"),
             chat_partitions: config.chat_partitions,
@@ -80,6 +83,7 @@ impl Topics {
             spec(&self.presence, chat, "compact", -1),
             spec(&self.ephemeral, chat, "delete", 3_600_000),
             spec(&self.deliveries, chat, "delete", DAY_MS),
+            spec(&self.results, chat, "delete", DAY_MS),
             spec(&self.push, chat, "delete", 7 * DAY_MS),
             spec(&self.dlq, 1, "delete", 30 * DAY_MS),
         ]

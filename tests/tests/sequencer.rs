@@ -149,7 +149,7 @@ async fn two_sequencers_assign_gap_free_seqs_dedupe_retries_and_refuse_non_membe
     }
     let results = collect(
         &log,
-        &log.topics.deliveries,
+        &log.topics.results,
         chats.len() * (per_chat + 1) + 2,
         |e| matches!(e.body, Body::CommandResult(_)),
     )

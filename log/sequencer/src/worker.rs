@@ -482,7 +482,7 @@ fn sequence_batch(
         if let Some(gateway) = ev.header(HEADER_GATEWAY_ID) {
             results.push(PendingResult {
                 record: Outgoing {
-                    topic: topics.deliveries.clone(),
+                    topic: topics.results.clone(),
                     partition: Some(deliveries_partition(&gateway, config.log.chat_partitions)),
                     key: gateway,
                     envelope: result_envelope(cmd, decision.outcome(), seq, code, reason, now),
