@@ -29,7 +29,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -222,11 +222,15 @@ async fn run(
         pending: HashMap::new(),
         cursor: Cursor::default(),
         live: false,
-        routed: Some(routed),
+        routed: Some((
+            routed,
+            sync::RoutedFrom::new(
+                usize::try_from(shared.config.log.chat_partitions).unwrap_or_default(),
+            ),
+        )),
         opened_at: Instant::now(),
         bad_in_row: 0,
         last_seen,
-        settle: Vec::new(),
         members: HashMap::new(),
         typing_at: HashMap::new(),
         sync_parts: None,
@@ -537,15 +541,12 @@ struct Session {
     cursor: Cursor,
     /// Live events flow (after the first sync).
     live: bool,
-    routed: Option<oneshot::Receiver<Vec<u64>>>,
+    /// The routers' `SessionRouted` answers, until the first sync merged
+    /// an answer for every partition.
+    routed: Option<(mpsc::UnboundedReceiver<Vec<u64>>, sync::RoutedFrom)>,
     opened_at: Instant,
     bad_in_row: u32,
     last_seen: Arc<AtomicI64>,
-    /// Second looks at history after a sync: (when, changed since). They
-    /// deliver what neither the sync read nor the live path brought (an
-    /// event routed by a router instance that had not yet seen this
-    /// session, with no later event of its chat to reveal the gap).
-    settle: Vec<(Instant, i64)>,
     /// Chats this user was found a member of, and when (typing checks).
     members: HashMap<Uuid, Instant>,
     /// When this connection last sent `typing` per chat (rate limit).
@@ -566,11 +567,6 @@ type Answer = Result<ServerFrame, (ErrorCode, String)>;
 
 /// How long a membership check answers `typing` without a new read.
 const MEMBER_CACHE: Duration = Duration::from_secs(30);
-
-/// When the second looks at history happen after a sync.
-const SETTLE_AFTER: [Duration; 2] = [Duration::from_secs(2), Duration::from_secs(10)];
-/// How far before the sync's reads the second looks start.
-const SETTLE_MARGIN_MS: i64 = 5_000;
 
 impl Session {
     /// Produces SessionOpened and sends `hello`. False: the connection is closed.
@@ -918,6 +914,15 @@ impl Session {
         if let Some((partition, offset)) = position {
             let next = self.told.entry(partition).or_insert(offset + 1);
             *next = (*next).max(offset + 1);
+        }
+    }
+
+    /// Requires reads to wait for `positions` (`partition -> next offset`).
+    fn tell_all(&mut self, positions: &HashMap<i32, i64>) {
+        for (p, next) in positions {
+            if *next > 0 {
+                self.tell(Some((*p, next - 1)));
+            }
         }
     }
 
@@ -1476,17 +1481,6 @@ impl Session {
     }
 
     async fn on_tick(&mut self) -> Result<(), Stop> {
-        let now = Instant::now();
-        let due: Vec<i64> = self
-            .settle
-            .iter()
-            .filter(|(at, _)| *at <= now)
-            .map(|(_, since)| *since)
-            .collect();
-        self.settle.retain(|(at, _)| *at > now);
-        for since in due {
-            self.settle_check(since).await?;
-        }
         let t = &self.shared.config.timeouts;
         if t.idle_ms > 0
             && now_ms() - self.last_seen.load(Ordering::Relaxed)
@@ -1561,23 +1555,35 @@ impl Session {
     ) -> Result<(), Stop> {
         let started = Instant::now();
         let history = self.shared.history.clone();
-        if let Some(routed) = self.routed.take() {
-            // First sync: make sure what the router will not send us is in Cassandra.
+        if let Some((mut answers, mut from)) = self.routed.take() {
+            // First sync: every event the routers will not send us must be
+            // in Cassandra before we read it. Wait for an owner's answer for
+            // every partition, then for the projector to pass those offsets.
             let t = &self.shared.config.timeouts;
-            let left = ms(t.session_routed_ms).saturating_sub(self.opened_at.elapsed());
-            match tokio::time::timeout(left, routed).await {
-                Ok(Ok(offsets)) => {
-                    if !sync::wait_for_progress(history.as_ref(), &offsets, ms(t.sync_progress_ms))
-                        .await
-                    {
-                        tracing::warn!(
-                            ?offsets,
-                            "history projector behind the router offsets; syncing anyway"
-                        );
-                    }
+            let deadline = tokio::time::Instant::now()
+                + ms(t.session_routed_ms).saturating_sub(self.opened_at.elapsed());
+            let complete = loop {
+                if let Some(offsets) = from.complete() {
+                    break Some(offsets);
                 }
-                _ => tracing::warn!("no SessionRouted from the router in time; syncing anyway"),
-            }
+                match tokio::time::timeout_at(deadline, answers.recv()).await {
+                    Ok(Some(answer)) => from.merge(&answer),
+                    Ok(None) | Err(_) => break None,
+                }
+            };
+            let Some(offsets) = complete else {
+                tracing::warn!(missing = ?from.missing(), "no router answered for some partitions in time");
+                // Keep waiting for them: the client's next sync continues.
+                self.routed = Some((answers, from));
+                return self
+                    .error(
+                        id,
+                        ErrorCode::Unavailable,
+                        "the routers have not taken up this session yet; send sync again",
+                    )
+                    .await;
+            };
+            self.tell_all(&offsets);
         }
         if let Err((code, message)) = self.consistent().await {
             return self.error(id, code, message).await;
@@ -1629,11 +1635,6 @@ impl Session {
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
         self.live = true;
-        let now = Instant::now();
-        self.settle = SETTLE_AFTER
-            .iter()
-            .map(|d| (now + *d, read_start - SETTLE_MARGIN_MS))
-            .collect();
         Ok(())
     }
 
@@ -1653,55 +1654,6 @@ impl Session {
         Ok(sent)
     }
 
-    /// Sends, in per-chat order, what history holds of the chats changed
-    /// since `since` beyond what this connection already has.
-    async fn settle_check(&mut self, since: i64) -> Result<(), Stop> {
-        let history = self.shared.history.clone();
-        let changed = match history.changed_chats_since(&self.user, since).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "settle check skipped");
-                return Ok(());
-            }
-        };
-        if changed.is_empty() {
-            return Ok(());
-        }
-        let client: HashMap<Uuid, u64> = changed
-            .iter()
-            .filter_map(|c| self.cursor.last(*c).map(|l| (*c, l)))
-            .collect();
-        let l = &self.shared.config.limits;
-        let read = match sync::plan(history.as_ref(), &self.user, Some(since), &client).await {
-            Ok(plans) => {
-                sync::read_chats(
-                    history.as_ref(),
-                    &plans,
-                    l.sync_bootstrap_events,
-                    l.sync_max_events_per_chat,
-                )
-                .await
-            }
-            Err(e) => Err(e),
-        };
-        let caught_up = match read {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "settle check skipped");
-                return Ok(());
-            }
-        };
-        let mut sent = 0u64;
-        for chat in caught_up {
-            sent += self.send_rows(chat.chat, &chat.events).await?;
-        }
-        if sent > 0 {
-            self.shared.metrics.settle_events.inc_by(sent);
-            tracing::info!(sent, "settle check delivered events the live path had not");
-        }
-        Ok(())
-    }
-
     async fn on_live(&mut self, e: LiveEvent) -> Result<(), Stop> {
         let Some(seq) = e.seq else {
             self.send_text(Outbound::Shared(e.frame), "event").await?;
@@ -1716,26 +1668,16 @@ impl Session {
             Admit::Send => {}
             Admit::Gap { after, before } => {
                 self.shared.metrics.gap_fills.inc();
-                let max = self.shared.config.limits.sync_max_events_per_chat;
-                match sync::read_gap(self.shared.history.as_ref(), e.chat, after, before, max).await
-                {
-                    Ok(rows) => {
-                        if (rows.len() as u64) < before - after - 1 {
-                            tracing::warn!(chat = %e.chat, after, before, found = rows.len(), "gap not fully readable from history");
-                        }
-                        for row in rows {
-                            if self.cursor.last(e.chat).is_some_and(|l| row.seq <= l) {
-                                continue;
-                            }
-                            self.send_text(
-                                Outbound::Text(EventJson::from_row(&row).frame()),
-                                "event",
-                            )
-                            .await?;
-                            self.cursor.advance(e.chat, row.seq);
-                        }
-                    }
-                    Err(err) => tracing::warn!(error = %err, chat = %e.chat, "gap fill failed"),
+                if !self.fill_gap(&e, after, before).await? {
+                    // Never step over a hole: the client would record the
+                    // later seq and its next sync would start after it.
+                    tracing::warn!(chat = %e.chat, after, before, "gap not readable from history; closing so the client syncs");
+                    self.close_with(
+                        close::TRY_AGAIN_LATER,
+                        "cannot deliver a chat in order now; reconnect and sync",
+                    )
+                    .await;
+                    return Err(Stop);
                 }
             }
         }
@@ -1743,6 +1685,57 @@ impl Session {
         self.cursor.advance(e.chat, seq);
         self.tell(e.position);
         Ok(())
+    }
+}
+
+impl Session {
+    /// Sends the events of `e.chat` strictly between `after` and `before`
+    /// from history. If history does not have them all yet, waits until the
+    /// projector passed the live event's position (every earlier event of
+    /// its partition is then written) and reads again. False: they could
+    /// not be read (store down, or a gap beyond `sync_max_events_per_chat`).
+    async fn fill_gap(&mut self, e: &LiveEvent, after: u64, before: u64) -> Result<bool, Stop> {
+        let max = self.shared.config.limits.sync_max_events_per_chat;
+        let history = self.shared.history.clone();
+        for attempt in 0..2 {
+            if attempt == 1 {
+                let Some((partition, offset)) = e.position else {
+                    return Ok(false);
+                };
+                let want = HashMap::from([(partition, offset)]);
+                let timeout = ms(self.shared.config.timeouts.sync_progress_ms);
+                if !self
+                    .shared
+                    .projected
+                    .wait_for(history.as_ref(), &want, timeout)
+                    .await
+                {
+                    return Ok(false);
+                }
+            }
+            let rows = match sync::read_gap(history.as_ref(), e.chat, after, before, max).await {
+                Ok(rows) => rows,
+                Err(err) => {
+                    tracing::warn!(error = %err, chat = %e.chat, "gap fill failed");
+                    continue;
+                }
+            };
+            let complete = rows.len() as u64 == before - after - 1
+                && rows.iter().zip(after + 1..).all(|(r, seq)| r.seq == seq);
+            if !complete {
+                continue;
+            }
+            for row in rows {
+                if self.cursor.last(e.chat).is_some_and(|l| row.seq <= l) {
+                    continue;
+                }
+                self.send_text(Outbound::Text(EventJson::from_row(&row).frame()), "event")
+                    .await?;
+                self.cursor.advance(e.chat, row.seq);
+            }
+            return Ok(true);
+        }
+        Ok(false)
     }
 }
 

@@ -21,7 +21,7 @@ use chat_log::{
 use chat_schemas::{Body, CommandResult};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -118,7 +118,9 @@ pub struct Hub {
     gateway_id: String,
     users: RwLock<HashMap<String, Vec<ConnHandle>>>,
     pending: Mutex<HashMap<Uuid, ConnHandle>>,
-    routed: Mutex<HashMap<Uuid, oneshot::Sender<Vec<u64>>>>,
+    /// Sessions waiting for the routers' `SessionRouted` answers (one per
+    /// router instance, and again when a router is assigned a partition).
+    routed: Mutex<HashMap<Uuid, mpsc::UnboundedSender<Vec<u64>>>>,
     /// Presence watchers: watched user -> connections watching them.
     watchers: RwLock<HashMap<String, HashMap<u64, ConnHandle>>>,
     /// Per connection, the users it watches (to undo a watch).
@@ -146,8 +148,8 @@ impl Hub {
     /// Starts buffering live events for `user` into `conn` (call before
     /// producing SessionOpened) and returns the receiver of the router's
     /// `SessionRouted` for this session.
-    pub fn register(&self, user: &str, conn: ConnHandle) -> oneshot::Receiver<Vec<u64>> {
-        let (tx, rx) = oneshot::channel();
+    pub fn register(&self, user: &str, conn: ConnHandle) -> mpsc::UnboundedReceiver<Vec<u64>> {
+        let (tx, rx) = mpsc::unbounded_channel();
         if let Ok(mut r) = self.routed.lock() {
             r.insert(conn.session_id, tx);
         }
@@ -342,7 +344,7 @@ impl Hub {
                     .routed
                     .lock()
                     .ok()
-                    .and_then(|mut w| w.remove(&r.session_id));
+                    .and_then(|w| w.get(&r.session_id).cloned());
                 if let Some(tx) = waiter {
                     let _ = tx.send(r.router_offsets.clone());
                 }
@@ -757,7 +759,7 @@ mod tests {
         let h = hub();
         let (a, _erx, mut rrx) = conn(1, 8);
         let session = a.session_id;
-        let routed = h.register("alice", a.clone());
+        let mut routed = h.register("alice", a.clone());
         let cmd = Uuid::new_v4();
         h.add_pending(cmd, a);
         let result = Body::CommandResult(CommandResult {
@@ -777,8 +779,11 @@ mod tests {
             session_id: session,
             router_offsets: vec![3, 4],
         });
+        h.dispatch(&record("gw-a", body.clone(), None));
+        assert_eq!(routed.recv().await.unwrap(), vec![3, 4]);
+        // Every router instance answers, and again after an assignment.
         h.dispatch(&record("gw-a", body, None));
-        assert_eq!(routed.await.unwrap(), vec![3, 4]);
+        assert_eq!(routed.recv().await.unwrap(), vec![3, 4]);
         h.unregister("alice", 1, session);
         assert_eq!(h.connections_of("alice"), 0);
     }

@@ -49,8 +49,6 @@ pub struct GatewayMetrics {
     /// Time reads waited for the history projector (only reads that had to).
     pub read_barrier_wait: Histogram,
     pub sync_events: Counter,
-    /// Events a settle check found in history that the live path had not brought.
-    pub settle_events: Counter,
     pub live_duplicates_dropped: Counter,
     pub gap_fills: Counter,
     pub deliveries: Family<TypeLabel, Counter>,
@@ -74,7 +72,6 @@ impl GatewayMetrics {
             sync_duration: latency_histogram(),
             read_barrier_wait: latency_histogram(),
             sync_events: Counter::default(),
-            settle_events: Counter::default(),
             live_duplicates_dropped: Counter::default(),
             presence_frames: Counter::default(),
             gap_fills: Counter::default(),
@@ -128,11 +125,6 @@ impl GatewayMetrics {
             m.read_barrier_wait.clone(),
         );
         registry.register("sync_events", "Events sent by sync", m.sync_events.clone());
-        registry.register(
-            "settle_events",
-            "Events sent by the second looks at history after a sync",
-            m.settle_events.clone(),
-        );
         registry.register(
             "presence_frames",
             "Batched presence frames sent to watching connections",

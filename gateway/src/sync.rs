@@ -87,42 +87,54 @@ pub fn store_error(e: &StoreError) -> (ErrorCode, String) {
     }
 }
 
-/// Waits until the history projector wrote every event before `offsets`
-/// (index = `chat.events` partition), polling, at most `timeout`. Returns
-/// whether it got there.
-pub async fn wait_for_progress(
-    history: &dyn HistoryReader,
-    offsets: &[u64],
-    timeout: Duration,
-) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(10);
-    loop {
-        match history.progress(HISTORY_PROJECTOR).await {
-            Ok(progress) => {
-                let behind = offsets.iter().enumerate().any(|(p, &want)| {
-                    let have = i32::try_from(p)
-                        .ok()
-                        .and_then(|p| progress.get(&p))
-                        .copied()
-                        .unwrap_or(0);
-                    // The router does not route that partition (or routed
-                    // nothing of it yet): no constraint from it.
-                    want > 0
-                        && want < chat_schemas::UNROUTED_PARTITION
-                        && have < i64::try_from(want).unwrap_or(i64::MAX)
-                });
-                if !behind {
-                    return true;
-                }
+/// The routers' `SessionRouted` answers for one session, merged: per
+/// `chat.events` partition, the offset from which live events of that
+/// partition are routed to the session. Each router instance answers for the
+/// partitions it owns ([`chat_schemas::UNROUTED_PARTITION`] for the others),
+/// and answers again when it is assigned a partition; the barrier waits until
+/// every partition has an owner's answer ("unrouted" means wait, never "no
+/// constraint"). When two instances answer for a partition (one losing it,
+/// one gaining it) the later position is kept: history must hold everything
+/// before it, and each of them routes what follows its own position.
+#[derive(Debug)]
+pub struct RoutedFrom {
+    from: Vec<Option<u64>>,
+}
+
+impl RoutedFrom {
+    pub fn new(partitions: usize) -> Self {
+        Self {
+            from: vec![None; partitions],
+        }
+    }
+
+    /// Takes one router's answer into account.
+    pub fn merge(&mut self, answer: &[u64]) {
+        for (slot, &at) in self.from.iter_mut().zip(answer) {
+            if at < chat_schemas::UNROUTED_PARTITION {
+                *slot = Some(slot.map_or(at, |s| s.max(at)));
             }
-            Err(e) => tracing::warn!(error = %e, "reading projector progress failed"),
         }
-        if Instant::now() + pause > deadline {
-            return false;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+
+    /// Partitions no router answered for yet.
+    pub fn missing(&self) -> Vec<usize> {
+        (0..self.from.len())
+            .filter(|p| self.from[*p].is_none())
+            .collect()
+    }
+
+    /// Once every partition is answered: `partition -> offset` the history
+    /// projector must reach before the sync reads.
+    pub fn complete(&self) -> Option<HashMap<i32, i64>> {
+        self.from
+            .iter()
+            .enumerate()
+            .map(|(p, at)| {
+                let at = (*at)?;
+                Some((i32::try_from(p).ok()?, i64::try_from(at).ok()?))
+            })
+            .collect()
     }
 }
 
@@ -139,7 +151,7 @@ impl ProjectedPositions {
             return false;
         };
         want.iter()
-            .all(|(p, o)| have.get(p).is_some_and(|h| h >= o))
+            .all(|(p, o)| *o <= 0 || have.get(p).is_some_and(|h| h >= o))
     }
 
     fn merge(&self, read: &HashMap<i32, i64>) {
@@ -346,7 +358,8 @@ pub async fn read_chats(
 }
 
 /// The events `after < seq < before` of a chat (a gap before a live event),
-/// at most `max` of them; retried briefly when the projector lags.
+/// at most `max` of them, as history holds them now (the caller waits for
+/// the projector when they are not all there yet).
 pub async fn read_gap(
     history: &dyn HistoryReader,
     chat: Uuid,
@@ -355,28 +368,20 @@ pub async fn read_gap(
     max: u64,
 ) -> Result<Vec<MessageRow>, StoreError> {
     let want = (before - after - 1).min(max);
-    let mut attempt = 0;
-    loop {
-        let mut out: Vec<MessageRow> = Vec::new();
-        let mut from = after;
-        while (out.len() as u64) < want {
-            let limit =
-                u32::try_from((want - out.len() as u64).min(u64::from(PAGE))).unwrap_or(PAGE);
-            let page = history
-                .messages_page(chat, Some(before), Some(from), limit)
-                .await?;
-            let Some(last) = page.last().map(|r| r.seq) else {
-                break;
-            };
-            from = last;
-            out.extend(page);
-        }
-        attempt += 1;
-        if out.len() as u64 >= want || attempt >= 3 {
-            return Ok(out);
-        }
-        tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+    let mut out: Vec<MessageRow> = Vec::new();
+    let mut from = after;
+    while (out.len() as u64) < want {
+        let limit = u32::try_from((want - out.len() as u64).min(u64::from(PAGE))).unwrap_or(PAGE);
+        let page = history
+            .messages_page(chat, Some(before), Some(from), limit)
+            .await?;
+        let Some(last) = page.last().map(|r| r.seq) else {
+            break;
+        };
+        from = last;
+        out.extend(page);
     }
+    Ok(out)
 }
 
 /// Why a `history` request was refused.
@@ -504,14 +509,23 @@ mod tests {
         assert_eq!(got.head, 11, "live events 12..=20 must still be admitted");
     }
 
-    #[tokio::test]
-    async fn partitions_the_router_does_not_know_do_not_hold_up_sync() {
-        let h = MemoryHistory::new();
-        let started = Instant::now();
+    #[test]
+    fn a_partition_no_router_answered_for_holds_up_sync() {
         let unrouted = chat_schemas::UNROUTED_PARTITION;
-        assert!(wait_for_progress(&h, &[unrouted, 0, unrouted], Duration::from_secs(5)).await);
-        assert!(started.elapsed() < Duration::from_secs(1));
-        assert!(!wait_for_progress(&h, &[unrouted, 7], Duration::from_millis(50)).await);
+        let mut r = RoutedFrom::new(3);
+        r.merge(&[5, unrouted, unrouted]);
+        assert_eq!(r.missing(), vec![1, 2]);
+        assert!(r.complete().is_none(), "unrouted means wait");
+        // The other instance owns 1 and 2; an instance gaining partition 0
+        // answers again with a later position, which wins.
+        r.merge(&[unrouted, 0, 9]);
+        r.merge(&[7, unrouted, unrouted]);
+        r.merge(&[6, unrouted, unrouted]);
+        assert!(r.missing().is_empty());
+        assert_eq!(
+            r.complete().unwrap(),
+            HashMap::from([(0, 7), (1, 0), (2, 9)])
+        );
     }
 
     fn chat_with(h: &MemoryHistory, user: &str, n: u64) -> Uuid {
@@ -679,13 +693,25 @@ mod tests {
     async fn progress_wait_is_bounded() {
         let h = MemoryHistory::new();
         h.set_progress(HISTORY_PROJECTOR, 0, 10);
-        assert!(wait_for_progress(&h, &[10, 0], Duration::from_millis(50)).await);
+        let p = ProjectedPositions::default();
+        let want = |pairs: &[(i32, i64)]| pairs.iter().copied().collect::<HashMap<i32, i64>>();
+        assert!(
+            p.wait_for(&h, &want(&[(0, 10), (1, 0)]), Duration::from_millis(50))
+                .await
+        );
         let t0 = Instant::now();
-        assert!(!wait_for_progress(&h, &[11, 0], Duration::from_millis(100)).await);
+        assert!(
+            !p.wait_for(&h, &want(&[(0, 11)]), Duration::from_millis(100))
+                .await
+        );
         assert!(t0.elapsed() < Duration::from_secs(1));
         assert!(
-            !wait_for_progress(&h, &[0, 1], Duration::from_millis(30)).await,
+            !p.wait_for(&h, &want(&[(1, 1)]), Duration::from_millis(30))
+                .await,
             "a partition never written"
         );
+        // What was read once answers later waits without a read.
+        h.set_failing(true);
+        assert!(p.covers(&want(&[(0, 10)])));
     }
 }

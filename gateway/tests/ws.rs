@@ -93,7 +93,7 @@ async fn env(test: &str, tweak: impl FnOnce(&mut GatewayConfig)) -> Env {
         ..GatewayConfig::default()
     };
     config.auth.hs256_secret = Some(Secret::new(SECRET));
-    config.timeouts.session_routed_ms = 300;
+    config.timeouts.session_routed_ms = 10_000;
     config.timeouts.sync_progress_ms = 300;
     config.allowed_origins = vec!["https://app.example".into()];
     tweak(&mut config);
@@ -178,6 +178,19 @@ impl Env {
             .send_with(topic, Some(partition), &self.gateway_id, envelope, &headers)
             .await
             .unwrap();
+    }
+
+    /// Plays every router instance answering the session of `hello`: live
+    /// events of every partition are routed to it from offset 0 on.
+    async fn route_session(&self, hello: &Value) {
+        let session = Uuid::parse_str(hello["session"].as_str().unwrap()).unwrap();
+        let partitions = usize::try_from(self.log.chat_partitions).unwrap();
+        let answer = Body::SessionRouted(SessionRouted {
+            session_id: session,
+            router_offsets: vec![0; partitions],
+        });
+        self.deliver(&envelope(None, None, "router", answer), None)
+            .await;
     }
 
     /// The next record of `topic` (all partitions, from the beginning) matching `pred`.
@@ -792,9 +805,11 @@ async fn a_client_that_does_not_keep_up_is_closed_alone() {
     let h = hello(&mut slow).await;
     let session = Uuid::parse_str(h["session"].as_str().unwrap()).unwrap();
     let mut other = e.connect("bob", "d1").await;
-    hello(&mut other).await;
+    let h = hello(&mut other).await;
+    e.route_session(&h).await;
     send(&mut other, json!({"type":"sync","since":null})).await;
-    assert_eq!(recv(&mut other).await["type"], "synced");
+    let synced = recv(&mut other).await;
+    assert_eq!(synced["type"], "synced", "{synced}");
     // alice never syncs (nor reads): her held events overflow the queue.
     // bob reads; the events come a few at a time, as a live chat's do, so a
     // busy machine cannot hand him 40 in one burst before his session runs
@@ -932,7 +947,8 @@ async fn an_open_sequencer_transaction_does_not_hold_back_live_events() {
     let chat = Uuid::new_v4();
     e.history.join("alice", chat, 1, 1_000);
     let mut ws = e.connect("alice", "d1").await;
-    hello(&mut ws).await;
+    let h = hello(&mut ws).await;
+    e.route_session(&h).await;
     send(&mut ws, json!({"type":"sync","id":"s","since":null})).await;
     assert_eq!(recv(&mut ws).await["type"], "synced");
     let partition = deliveries_partition(&e.gateway_id, e.log.chat_partitions);
@@ -1060,22 +1076,25 @@ async fn sync_and_history_from_the_real_store() {
         dev_login: true,
         ..GatewayConfig::default()
     };
-    config.timeouts.session_routed_ms = 200;
+    config.timeouts.session_routed_ms = 5_000;
+    let gateway_id = config.gateway_id.clone();
+    let log = config.log.clone();
     let (addr, gw) = Gateway::start(config).await.unwrap();
     let e = Env {
-        producer: EventProducer::connect(&log_config("unused"), registry.clone())
+        producer: EventProducer::connect(&log, registry.clone())
             .await
             .unwrap(),
-        log: LogConfig::default(),
+        log,
         topics,
         registry,
         history: Arc::new(MemoryHistory::new()),
         addr,
         gw: Some(gw),
-        gateway_id: String::new(),
+        gateway_id,
     };
     let mut ws = e.connect("alice", "d1").await;
-    hello(&mut ws).await;
+    let h = hello(&mut ws).await;
+    e.route_session(&h).await;
     send(
         &mut ws,
         json!({"type":"sync","id":1,"since":1_699_999_000_000_i64}),

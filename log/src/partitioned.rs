@@ -33,10 +33,20 @@ use crate::producer::{envelope_headers, Produced};
 use crate::topics::{base_client_config, check_brokers, check_topics_exist};
 use crate::{ConsumedEvent, LogConfig, LogError, Outgoing, SchemaRegistry};
 
+/// What runs when partitions are revoked, before the revocation completes.
+type RevokeHook = Box<dyn Fn(&[i32]) + Send + Sync>;
+/// What runs when partitions are assigned: `(partition, offset the member
+/// starts from)` (the committed offset; 0 when the group has none).
+type AssignHook = Box<dyn Fn(&[(i32, i64)]) + Send + Sync>;
+
 /// Records rebalances so the consumer loop learns which partitions it lost.
 #[derive(Default)]
 struct Tracking {
     revoked: Mutex<HashSet<i32>>,
+    /// Told at once (in the rebalance callback), so state about a lost
+    /// partition stops being reported before another member takes it.
+    on_revoke: Mutex<Option<RevokeHook>>,
+    on_assign: Mutex<Option<AssignHook>>,
 }
 
 impl ClientContext for Tracking {}
@@ -44,15 +54,42 @@ impl ClientContext for Tracking {}
 impl ConsumerContext for Tracking {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            let lost: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            if let Ok(hook) = self.on_revoke.lock() {
+                if let Some(hook) = hook.as_ref() {
+                    hook(&lost);
+                }
+            }
             if let Ok(mut r) = self.revoked.lock() {
-                r.extend(tpl.elements().iter().map(|e| e.partition()));
+                r.extend(lost);
             }
             tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions revoked");
         }
     }
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             tracing::info!(partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions assigned");
+            let Ok(hook) = self.on_assign.lock() else {
+                return;
+            };
+            let Some(hook) = hook.as_ref() else { return };
+            // Where this member starts each partition: the committed offset
+            // (auto.offset.reset is earliest, so none means 0). Blocks the
+            // rebalance for one round trip to the group coordinator.
+            let committed = consumer.committed_offsets((*tpl).clone(), Duration::from_secs(10));
+            let Ok(committed) = committed else {
+                tracing::warn!("committed offsets of assigned partitions unknown");
+                return;
+            };
+            let starts: Vec<(i32, i64)> = committed
+                .elements()
+                .iter()
+                .map(|e| match e.offset() {
+                    Offset::Offset(o) => (e.partition(), o),
+                    _ => (e.partition(), 0),
+                })
+                .collect();
+            hook(&starts);
         }
     }
 }
@@ -158,6 +195,22 @@ impl PartitionedConsumer {
     /// The group's metadata, for [`TxnProducer::commit_batch`].
     pub fn group_metadata(&self) -> Option<ConsumerGroupMetadata> {
         self.consumer.group_metadata()
+    }
+
+    /// Calls `hook` with the partitions this member is assigned and the
+    /// offset it starts each from, inside the rebalance.
+    pub fn on_assign(&self, hook: impl Fn(&[(i32, i64)]) + Send + Sync + 'static) {
+        if let Ok(mut h) = self.consumer.context().on_assign.lock() {
+            *h = Some(Box::new(hook));
+        }
+    }
+
+    /// Calls `hook` with the partitions this member loses, inside the
+    /// rebalance (before another member can be assigned them).
+    pub fn on_revoke(&self, hook: impl Fn(&[i32]) + Send + Sync + 'static) {
+        if let Ok(mut h) = self.consumer.context().on_revoke.lock() {
+            *h = Some(Box::new(hook));
+        }
     }
 
     fn forget_revoked(&mut self) {

@@ -2,8 +2,18 @@
 //! it has routed each `chat.events` partition.
 
 use chat_schemas::UNROUTED_PARTITION;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 use uuid::Uuid;
+
+/// How long a new session is remembered for [`Sessions::recent`]: a gateway
+/// waits at most `session_routed_ms` (3 s by default) for its answers.
+const RECENT_FOR: Duration = Duration::from_secs(60);
+/// Most sessions remembered for [`Sessions::recent`] (a reconnect storm).
+const RECENT_MAX: usize = 100_000;
+
+/// A session opened lately: (when, session, gateway, user).
+pub(crate) type Recent = (Instant, Uuid, String, String);
 
 /// Where a user's sessions are.
 #[derive(Debug, Default)]
@@ -11,6 +21,10 @@ pub(crate) struct Sessions {
     by_user: HashMap<String, HashMap<Uuid, String>>,
     /// Per owned chat.events partition, the next offset to route.
     positions: HashMap<i32, i64>,
+    /// Sessions opened in the last [`RECENT_FOR`]: when this instance is
+    /// assigned a partition it answers them again, so a gateway waiting for
+    /// an owner of every partition gets one after a rebalance.
+    recent: VecDeque<Recent>,
 }
 
 impl Sessions {
@@ -19,6 +33,30 @@ impl Sessions {
             .entry(user.to_string())
             .or_default()
             .insert(session, gateway.to_string());
+        let now = Instant::now();
+        while self.recent.front().is_some_and(|r| {
+            now.duration_since(r.0) > RECENT_FOR || self.recent.len() >= RECENT_MAX
+        }) {
+            self.recent.pop_front();
+        }
+        self.recent
+            .push_back((now, session, gateway.to_string(), user.to_string()));
+    }
+
+    /// Sessions opened lately and still open.
+    pub(crate) fn recent(&self) -> Vec<Recent> {
+        let now = Instant::now();
+        self.recent
+            .iter()
+            .filter(|(at, session, _, user)| {
+                now.duration_since(*at) <= RECENT_FOR
+                    && self
+                        .by_user
+                        .get(user)
+                        .is_some_and(|s| s.contains_key(session))
+            })
+            .cloned()
+            .collect()
     }
 
     pub(crate) fn close(&mut self, user: &str, session: &Uuid) {

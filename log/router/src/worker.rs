@@ -126,6 +126,40 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         &topics.events,
     )
     .await?;
+    // A lost partition stops being reported in SessionRouted at once, before
+    // its next owner can be assigned it; an assigned one is reported from
+    // the offset this instance starts routing it at, even before any event
+    // arrives, and the sessions still waiting for an owner of every
+    // partition (a gateway's first sync) are answered again.
+    {
+        let sessions = sessions.clone();
+        consumer.on_revoke(move |lost| {
+            if let Ok(mut s) = sessions.lock() {
+                for p in lost {
+                    s.forget_partition(*p);
+                }
+            }
+        });
+    }
+    {
+        let (assigned_tx, mut assigned_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let in_hook = sessions.clone();
+        consumer.on_assign(move |starts| {
+            if let Ok(mut s) = in_hook.lock() {
+                for (p, offset) in starts {
+                    s.routed(*p, *offset);
+                }
+            }
+            let _ = assigned_tx.send(());
+        });
+        let (sessions, producer, topics) = (sessions.clone(), producer.clone(), topics.clone());
+        let partitions = config.log.chat_partitions;
+        tokio::spawn(async move {
+            while assigned_rx.recv().await.is_some() {
+                reannounce(&sessions, &producer, &topics, partitions);
+            }
+        });
+    }
     // Shared with the typing router, which uses the membership of the
     // partitions this instance owns.
     let members: Members = Arc::new(Mutex::new(HashMap::new()));
@@ -156,6 +190,11 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             )
             .await?;
             lock(&members).insert(p, state);
+            // After a failed batch (rewound), p is routed again from here.
+            if let Ok(mut s) = sessions.lock() {
+                s.routed(p, batch.first_offset());
+            }
+            reannounce(&sessions, &producer, &topics, config.log.chat_partitions);
         }
         let mut out = Vec::new();
         {
@@ -440,34 +479,128 @@ async fn follow_sessions(
         else {
             continue;
         };
-        let to_gateway = |gateway: String, user: &str, envelope: Envelope| Outgoing {
-            topic: topics.deliveries.clone(),
-            partition: Some(deliveries_partition(&gateway, partitions)),
-            key: gateway,
-            envelope,
-            headers: vec![(HEADER_RECIPIENTS.into(), user.as_bytes().to_vec())],
-        };
         let out = match action {
             SessionAction::Opened {
                 session_id,
                 gateway,
                 user,
-            } => {
-                let mut answer = ev.envelope.clone();
-                answer.event_id = Uuid::new_v4();
-                answer.body = Body::SessionRouted(SessionRouted {
-                    session_id,
-                    router_offsets,
-                });
-                vec![to_gateway(gateway, &user, answer)]
-            }
+            } => vec![session_routed(
+                &topics,
+                partitions,
+                session_id,
+                gateway,
+                &user,
+                Some(&ev.envelope),
+                router_offsets,
+            )],
             SessionAction::Revoked { gateways, user } => gateways
                 .into_iter()
-                .map(|g| to_gateway(g, &user, ev.envelope.clone()))
+                .map(|g| to_gateway(&topics, partitions, g, &user, ev.envelope.clone()))
                 .collect(),
         };
+        // Not awaited: in a reconnect storm the answers go out together
+        // (the producer batches them) instead of one round trip each.
+        answer(&producer, out);
+    }
+}
+
+/// A record for `gateway`'s partition of `chat.deliveries`, for `user`.
+fn to_gateway(
+    topics: &Topics,
+    partitions: i32,
+    gateway: String,
+    user: &str,
+    envelope: Envelope,
+) -> Outgoing {
+    Outgoing {
+        topic: topics.deliveries.clone(),
+        partition: Some(deliveries_partition(&gateway, partitions)),
+        key: gateway,
+        envelope,
+        headers: vec![(HEADER_RECIPIENTS.into(), user.as_bytes().to_vec())],
+    }
+}
+
+/// The `SessionRouted` answer to `session` (built on the `SessionOpened`
+/// envelope when there is one, so the trace id follows).
+fn session_routed(
+    topics: &Topics,
+    partitions: i32,
+    session_id: Uuid,
+    gateway: String,
+    user: &str,
+    opened: Option<&Envelope>,
+    router_offsets: Vec<u64>,
+) -> Outgoing {
+    let mut envelope = match opened {
+        Some(e) => e.clone(),
+        None => Envelope {
+            event_id: Uuid::nil(),
+            chat_id: None,
+            seq: None,
+            sender_user: user.to_string(),
+            sender_device: String::new(),
+            client_msg_id: None,
+            client_ts: None,
+            server_ts: now_ms(),
+            sequenced_ts: None,
+            trace_id: Uuid::new_v4().simple().to_string(),
+            body: Body::SessionRouted(SessionRouted {
+                session_id,
+                router_offsets: Vec::new(),
+            }),
+        },
+    };
+    envelope.event_id = Uuid::new_v4();
+    envelope.body = Body::SessionRouted(SessionRouted {
+        session_id,
+        router_offsets,
+    });
+    to_gateway(topics, partitions, gateway, user, envelope)
+}
+
+/// Answers again every session opened lately with this instance's current
+/// positions.
+fn reannounce(
+    sessions: &Mutex<Sessions>,
+    producer: &EventProducer,
+    topics: &Topics,
+    partitions: i32,
+) {
+    let Some((recent, offsets)) = sessions
+        .lock()
+        .ok()
+        .map(|s| (s.recent(), s.offsets(partitions)))
+    else {
+        return;
+    };
+    let out = recent
+        .into_iter()
+        .map(|(_, session, gateway, user)| {
+            session_routed(
+                topics,
+                partitions,
+                session,
+                gateway,
+                &user,
+                None,
+                offsets.clone(),
+            )
+        })
+        .collect();
+    answer(producer, out);
+}
+
+/// Sends `out` in the background; a failure is logged (the gateway's first
+/// sync then waits for another answer or reports `unavailable`).
+fn answer(producer: &EventProducer, out: Vec<Outgoing>) {
+    if out.is_empty() {
+        return;
+    }
+    let producer = producer.clone();
+    tokio::spawn(async move {
         if let Err(e) = producer.send_batch(out).await {
             tracing::warn!(error = %e, "could not write to a gateway's deliveries");
         }
-    }
+    });
 }
