@@ -686,6 +686,9 @@ export class ChatClient extends EventTarget {
     const c = this.chat(ev.chat);
     if (c.events.has(ev.seq)) return false;
     const newest = ev.seq > c.lastSeq;
+    // Seqs are gap-free: a live event beyond last + 1 means we miss some.
+    // The gateway never skips one, but a client checks what it is told.
+    const gapAfter = live && c.lastSeq > 0 && ev.seq > c.lastSeq + 1 ? c.lastSeq : null;
     // A repeat of what we already had before a reload (seq at or below the
     // persisted last seq, not loaded): still worth keeping for display.
     c.events.set(ev.seq, ev);
@@ -717,6 +720,7 @@ export class ChatClient extends EventTarget {
       c.lastSeq = ev.seq;
       if (ev.ts) c.lastTs = Math.max(c.lastTs, ev.ts);
     }
+    if (gapAfter !== null) this.fillGap(c.id, gapAfter, ev.seq);
     if (ev.kind === "MessageSent" && (!c.preview || ev.seq >= c.preview.seq)) {
       c.preview = { seq: ev.seq, sender: ev.sender, text: b.text || "[media]", ts: ev.ts };
     }
@@ -836,6 +840,26 @@ export class ChatClient extends EventTarget {
       }
     }
     return undefined;
+  }
+
+  /** Asks history for the events strictly between `after` and `before`. */
+  async fillGap(id, after, before) {
+    const limit = this.limits.max_history_limit || 100;
+    try {
+      while (after + 1 < before) {
+        const h = await this.request({ type: "history", chat: id, after, before, limit });
+        const events = h.events || [];
+        for (const ev of events) this.applyEvent({ ...ev, chat: id }, false);
+        if (events.length === 0) break;
+        after = events[events.length - 1].seq;
+      }
+      this.persistSoon();
+      this.emit("chat", id);
+    } catch (e) {
+      if (e.code !== "disconnected") {
+        this.notice("error", `Could not load missing messages: ${explain(e.code, this.limits, e.message)}`);
+      }
+    }
   }
 
   async loadReceipts(id) {

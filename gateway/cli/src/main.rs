@@ -721,6 +721,41 @@ async fn tail(
     }
 }
 
+/// The events of `chat` strictly between `after` and `before`, from
+/// `history`, as `event` frames.
+async fn missing_events(
+    conn: &mut conn::Conn,
+    chat: &str,
+    mut after: u64,
+    before: u64,
+) -> Result<Vec<Value>> {
+    let limit = conn.hello["limits"]["max_history_limit"]
+        .as_u64()
+        .unwrap_or(100);
+    let mut out = Vec::new();
+    while after + 1 < before {
+        let page = conn
+            .request(
+                json!({"type": "history", "chat": chat, "after": after, "before": before, "limit": limit}),
+                Duration::from_secs(30),
+            )
+            .await?;
+        if page["type"] == "error" {
+            return Err(refusal(&page));
+        }
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        let Some(last) = events.last().and_then(|e| e["seq"].as_u64()) else {
+            break;
+        };
+        for mut e in events {
+            e["type"] = json!("event");
+            out.push(e);
+        }
+        after = last;
+    }
+    Ok(out)
+}
+
 async fn tail_once(
     g: &Global,
     only: &[String],
@@ -810,6 +845,13 @@ async fn tail_once(
                 if seq <= seen {
                     continue; // a repeat across reconnects
                 }
+                // Seqs are gap-free: a live event beyond seen + 1 means some
+                // are missing; fetch them first, in order.
+                let mut events = Vec::new();
+                if synced && seen > 0 && seq > seen + 1 {
+                    events = missing_events(&mut conn, &chat, seen, seq).await?;
+                }
+                events.push(f);
                 state.chats.insert(chat.clone(), seq);
                 if synced {
                     creds::save_state(&user, &device, &state)?;
@@ -817,9 +859,11 @@ async fn tail_once(
                 if !wanted(&chat) || (live_only && !synced) {
                     continue;
                 }
-                out(g.json, &f, || event_text(&f));
-                if f["kind"] == "MessageSent" {
-                    *printed += 1;
+                for f in events {
+                    out(g.json, &f, || event_text(&f));
+                    if f["kind"] == "MessageSent" {
+                        *printed += 1;
+                    }
                 }
             }
             Some("synced") => {
