@@ -176,11 +176,13 @@ pub struct Timeouts {
     /// A command without a result from the sequencer after this gets
     /// `error unavailable`.
     pub ack_ms: u64,
-    /// How long a connection waits for the router's `SessionRouted` before
-    /// its first sync goes on without it.
+    /// How long (from the connection's start) a first sync waits for an
+    /// owner's `SessionRouted` answer for every `chat.events` partition
+    /// before it is answered `unavailable` (the next sync keeps waiting).
     pub session_routed_ms: u64,
-    /// How long a first sync waits for the history projector to reach the
-    /// router's offsets before it reads anyway.
+    /// How long a read (sync, history, chats, membership checks, a gap fill)
+    /// waits for the history projector to pass what the connection was
+    /// told before it is answered `unavailable` (a gap fill: close 1013).
     pub sync_progress_ms: u64,
     /// The heartbeat TTL: no frame (not even a ping) from the client for
     /// this long: close 4002, and the session ends (the user goes offline
@@ -205,7 +207,7 @@ impl Default for Timeouts {
             header_read_ms: 10_000,
             upgrade_ms: 10_000,
             ack_ms: 10_000,
-            session_routed_ms: 3_000,
+            session_routed_ms: 10_000,
             sync_progress_ms: 5_000,
             idle_ms: 45_000,
             heartbeat_interval_ms: 15_000,
@@ -327,8 +329,8 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   timeouts.header_read_ms       HTTP headers must arrive within     [10000]
   timeouts.upgrade_ms           WebSocket upgrade completes within  [10000]
   timeouts.ack_ms               command result wait                 [10000]
-  timeouts.session_routed_ms    wait for the router on first sync   [3000]
-  timeouts.sync_progress_ms     wait for the history projector      [5000]
+  timeouts.session_routed_ms    first sync: wait for every partition's router [10000]
+  timeouts.sync_progress_ms     reads: wait for the history projector         [5000]
   timeouts.idle_ms              heartbeat TTL: close silent clients [45000]
   timeouts.heartbeat_interval_ms ping interval told to clients      [15000]
   timeouts.gateway_heartbeat_ms GatewayHeartbeat interval           [3000]

@@ -582,6 +582,12 @@ export class ChatClient extends EventTarget {
           if (f.code === "unknown_type") this.features[f.id.split(".")[1]] = false;
           break;
         }
+        if (f.id === this.syncId && f.code === "unavailable") {
+          // Nothing was skipped; the platform asks for the sync again.
+          const ws = this.ws;
+          setTimeout(() => { if (this.ws === ws && !this.synced) this.sendSync(); }, 500);
+          break;
+        }
         if (f.code !== "stale_receipt") this.notice("error", explain(f.code, this.limits, f.message));
         break;
       default:
@@ -597,6 +603,11 @@ export class ChatClient extends EventTarget {
     if (this.limits.max_watched_chats === undefined) this.features.watch = false;
     this.setState("syncing", "Catching up…");
     this.startHeartbeat();
+    this.sendSync();
+  }
+
+  /** Sends `sync` (in several frames when the chats do not fit in one). */
+  sendSync() {
     const known = [...this.chats.values()].filter((c) => c.lastSeq > 0);
     // A frame holds at most limits.sync_chats_per_frame entries; the rest
     // follow in further sync frames marked `more` (PROTOCOL.md, Sync).

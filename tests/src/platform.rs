@@ -444,6 +444,48 @@ impl Client {
         }
     }
 
+    /// Sends `sync` and collects the `event` frames until `synced`; a sync
+    /// answered `unavailable` (the routers have not taken the session up
+    /// yet: PROTOCOL.md) is sent again. Returns the events and `synced`.
+    pub async fn sync(
+        &mut self,
+        since: serde_json::Value,
+        chats: serde_json::Value,
+    ) -> anyhow::Result<(Vec<serde_json::Value>, serde_json::Value)> {
+        for _ in 0..20 {
+            self.tx
+                .send(&serde_json::json!({"type": "sync", "id": "sync", "since": since, "chats": chats}))
+                .await?;
+            let mut events = Vec::new();
+            let mut others = Vec::new();
+            loop {
+                match self.next(Duration::from_secs(60)).await? {
+                    Some(Incoming::Json(v)) if v["type"] == "event" => events.push(v),
+                    Some(Incoming::Json(v)) if v["type"] == "synced" => {
+                        self.pending.extend(others);
+                        return Ok((events, v));
+                    }
+                    Some(Incoming::Json(v))
+                        if v["type"] == "error"
+                            && v["id"] == "sync"
+                            && v["code"] == "unavailable" =>
+                    {
+                        anyhow::ensure!(events.is_empty(), "events before a refused sync");
+                        self.pending.extend(others.drain(..));
+                        break;
+                    }
+                    Some(Incoming::Json(v)) if v["type"] == "error" && v["id"] == "sync" => {
+                        anyhow::bail!("sync refused: {v}")
+                    }
+                    Some(Incoming::Json(v)) => others.push(v),
+                    other => anyhow::bail!("sync did not complete: {other:?}"),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::bail!("sync stayed unavailable")
+    }
+
     /// Takes the first frame set aside by `request` that satisfies `pred`
     /// (frames answered before the request's answer), leaving the others.
     pub fn take_set_aside(

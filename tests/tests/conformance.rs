@@ -23,11 +23,7 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 
 async fn online(p: &Platform, gw: usize, user: &str, device: &str) -> Client {
     let mut c = p.connect(gw, user, device).await.unwrap();
-    let synced = c
-        .request(json!({"type": "sync", "since": null, "chats": {}}))
-        .await
-        .unwrap();
-    assert_eq!(synced["type"], "synced", "{synced}");
+    c.sync(Value::Null, json!({})).await.unwrap();
     c
 }
 
@@ -46,6 +42,21 @@ async fn event(c: &mut Client, chat: &str, seq: u64) -> Value {
     }
 }
 
+/// A read, asked again while it is answered `unavailable` (PROTOCOL.md: the
+/// gateway could not reach a state as new as what it sent in time; that is
+/// not a stale answer, and the client retries).
+async fn read_fresh(c: &mut Client, frame: Value) -> Value {
+    for _ in 0..20 {
+        let answer = c.request(frame.clone()).await.unwrap();
+        if answer["code"] != "unavailable" {
+            return answer;
+        }
+        eprintln!("read answered unavailable, asking again: {answer}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("{frame} stayed unavailable");
+}
+
 fn history_seqs(page: &Value) -> Vec<u64> {
     assert_eq!(page["type"], "history", "{page}");
     page["events"]
@@ -57,14 +68,23 @@ fn history_seqs(page: &Value) -> Vec<u64> {
 }
 
 /// Sends `typing` and then a `ping`: frames are answered in order, so a
-/// refusal of the typing frame arrives before the pong.
+/// refusal of the typing frame arrives before the pong. An `unavailable`
+/// refusal (not stale) is tried again after the typing interval.
 async fn typing_refusal(c: &mut Client, chat: &str) -> Option<Value> {
-    c.tx.send(&json!({"type": "typing", "id": "t", "chat": chat}))
-        .await
-        .unwrap();
-    let pong = c.request(json!({"type": "ping"})).await.unwrap();
-    assert_eq!(pong["type"], "pong");
-    c.take_set_aside(|v| v["type"] == "error" && v["id"] == "t")
+    for _ in 0..10 {
+        c.tx.send(&json!({"type": "typing", "id": "t", "chat": chat}))
+            .await
+            .unwrap();
+        let pong = c.request(json!({"type": "ping"})).await.unwrap();
+        assert_eq!(pong["type"], "pong");
+        match c.take_set_aside(|v| v["type"] == "error" && v["id"] == "t") {
+            Some(e) if e["code"] == "unavailable" => {
+                tokio::time::sleep(Duration::from_millis(1_100)).await;
+            }
+            other => return other,
+        }
+    }
+    panic!("typing stayed unavailable");
 }
 
 #[tokio::test]
@@ -99,7 +119,7 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
             .unwrap();
         assert_eq!(ack["type"], "ack", "{ack}");
         let chat = ack["chat"].as_str().unwrap().to_string();
-        let chats = ann.request(json!({"type": "chats"})).await.unwrap();
+        let chats = read_fresh(&mut ann, json!({"type": "chats"})).await;
         if !chats["chats"]
             .as_array()
             .unwrap()
@@ -113,10 +133,7 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
 
         // A member who just got ChatCreated can read it, type and watch.
         event(&mut bob, &chat, 1).await;
-        let page = bob
-            .request(json!({"type": "history", "chat": chat}))
-            .await
-            .unwrap();
+        let page = read_fresh(&mut bob, json!({"type": "history", "chat": chat})).await;
         if page["type"] != "history" || history_seqs(&page) != [1] {
             failures.push(format!(
                 "trial {t}: member's history after ChatCreated: {page}"
@@ -125,10 +142,7 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
         if let Some(e) = typing_refusal(&mut bob, &chat).await {
             failures.push(format!("trial {t}: member's typing after ChatCreated: {e}"));
         }
-        let watch = bob
-            .request(json!({"type": "watch", "chats": [chat]}))
-            .await
-            .unwrap();
+        let watch = read_fresh(&mut bob, json!({"type": "watch", "chats": [chat]})).await;
         if watch["type"] != "presence" {
             failures.push(format!(
                 "trial {t}: member's watch after ChatCreated: {watch}"
@@ -143,14 +157,11 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
             .unwrap();
         assert_eq!(added["seq"], 2, "{added}");
         event(&mut cat, &chat, 2).await;
-        let page = cat
-            .request(json!({"type": "history", "chat": chat}))
-            .await
-            .unwrap();
+        let page = read_fresh(&mut cat, json!({"type": "history", "chat": chat})).await;
         if page["type"] != "history" || history_seqs(&page) != [2] {
             failures.push(format!("trial {t}: added member's history: {page}"));
         }
-        let chats = cat.request(json!({"type": "chats"})).await.unwrap();
+        let chats = read_fresh(&mut cat, json!({"type": "chats"})).await;
         if !chats["chats"]
             .as_array()
             .unwrap()
@@ -172,18 +183,12 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
             .await
             .unwrap();
         assert_eq!(sent["seq"], 3, "{sent}");
-        let page = ann
-            .request(json!({"type": "history", "chat": chat}))
-            .await
-            .unwrap();
+        let page = read_fresh(&mut ann, json!({"type": "history", "chat": chat})).await;
         if history_seqs(&page).last() != Some(&3) {
             failures.push(format!("trial {t}: sender's history after the ack: {page}"));
         }
         event(&mut bob, &chat, 3).await;
-        let page = bob
-            .request(json!({"type": "history", "chat": chat}))
-            .await
-            .unwrap();
+        let page = read_fresh(&mut bob, json!({"type": "history", "chat": chat})).await;
         if history_seqs(&page) != [1, 2, 3] {
             failures.push(format!(
                 "trial {t}: recipient's history after the event: {page}"
@@ -195,7 +200,7 @@ async fn reads_right_after_an_event_or_an_ack_reflect_it() {
             .await
             .unwrap();
         assert_eq!(read["type"], "ack", "{read}");
-        let chats = bob.request(json!({"type": "chats"})).await.unwrap();
+        let chats = read_fresh(&mut bob, json!({"type": "chats"})).await;
         let row = chats["chats"]
             .as_array()
             .unwrap()
@@ -243,7 +248,7 @@ async fn group_creation_is_idempotent_and_errors_name_their_command() {
         created.push(first["chat"].as_str().unwrap().to_string());
         tokio::time::sleep(Duration::from_millis(200)).await; // stay under send_rate_per_s
     }
-    let chats = ann.request(json!({"type": "chats"})).await.unwrap();
+    let chats = read_fresh(&mut ann, json!({"type": "chats"})).await;
     let groups: Vec<&Value> = chats["chats"].as_array().unwrap().iter().collect();
     assert_eq!(groups.len(), TRIALS, "one group per client_msg_id: {chats}");
     for chat in &created {

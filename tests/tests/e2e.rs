@@ -20,21 +20,8 @@ async fn online(p: &Platform, gw: usize, user: &str, device: &str) -> (Client, V
 
 /// Sends `sync` and collects `event` frames until `synced`.
 async fn sync(c: &mut Client, since: Value, chats: Value) -> (Vec<Value>, i64) {
-    c.tx.send(&json!({"type": "sync", "id": "s", "since": since, "chats": chats}))
-        .await
-        .unwrap();
-    let mut events = Vec::new();
-    loop {
-        match c.next(WAIT).await.unwrap() {
-            Some(Incoming::Json(v)) if v["type"] == "event" => events.push(v),
-            Some(Incoming::Json(v)) if v["type"] == "synced" => {
-                return (events, v["checkpoint"].as_i64().unwrap())
-            }
-            Some(Incoming::Json(v)) if v["type"] == "error" => panic!("sync failed: {v}"),
-            Some(Incoming::Json(_)) => continue,
-            other => panic!("sync did not complete: {other:?}"),
-        }
-    }
+    let (events, synced) = c.sync(since, chats).await.unwrap();
+    (events, synced["checkpoint"].as_i64().unwrap())
 }
 
 async fn create_group(c: &mut Client, members: &[&str]) -> String {

@@ -19,11 +19,7 @@ fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 /// Connects and completes the first sync.
 async fn online(p: &Platform, gw: usize, user: &str, device: &str) -> Client {
     let mut c = p.connect(gw, user, device).await.unwrap();
-    let synced = c
-        .request(json!({"type": "sync", "since": null}))
-        .await
-        .unwrap();
-    assert_eq!(synced["type"], "synced", "{synced}");
+    c.sync(Value::Null, json!({})).await.unwrap();
     c
 }
 

@@ -721,6 +721,36 @@ async fn tail(
     }
 }
 
+/// Sends `sync` with the checkpoint and every chat's last seq. A frame
+/// holds at most `sync_chats_per_frame` entries; the rest follow in further
+/// `sync` frames marked `more` (PROTOCOL.md, Sync).
+async fn send_sync(conn: &mut conn::Conn, state: &SyncState) -> Result<()> {
+    let per = conn.hello["limits"]["sync_chats_per_frame"]
+        .as_u64()
+        .map_or(1000, |n| n.max(1) as usize);
+    let known: Vec<(&String, &u64)> = state.chats.iter().collect();
+    let mut parts = known.chunks(per).peekable();
+    loop {
+        let chats: serde_json::Map<String, Value> = parts
+            .next()
+            .unwrap_or_default()
+            .iter()
+            .map(|(k, v)| ((*k).clone(), json!(v)))
+            .collect();
+        let more = parts.peek().is_some();
+        let mut frame = json!({"type": "sync", "since": state.checkpoint, "chats": chats});
+        if more {
+            frame["more"] = json!(true);
+        } else {
+            frame["id"] = json!("sync");
+        }
+        conn.send(&frame).await?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
 /// The events of `chat` strictly between `after` and `before`, from
 /// `history`, as `event` frames.
 async fn missing_events(
@@ -769,33 +799,7 @@ async fn tail_once(
     *connected = true;
     let gateway = conn.gateway().to_string();
     let mut state: SyncState = creds::load_state(&user, &device)?;
-    // A frame holds at most `sync_chats_per_frame` entries; the rest follow
-    // in further `sync` frames marked `more` (PROTOCOL.md, Sync).
-    let per = conn.hello["limits"]["sync_chats_per_frame"]
-        .as_u64()
-        .map_or(1000, |n| n.max(1) as usize);
-    let known: Vec<(&String, &u64)> = state.chats.iter().collect();
-    let mut parts = known.chunks(per).peekable();
-    loop {
-        let chats: serde_json::Map<String, Value> = parts
-            .next()
-            .unwrap_or_default()
-            .iter()
-            .map(|(k, v)| ((*k).clone(), json!(v)))
-            .collect();
-        if parts.peek().is_some() {
-            conn.send(
-                &json!({"type": "sync", "since": state.checkpoint, "chats": chats, "more": true}),
-            )
-            .await?;
-        } else {
-            conn.send(
-                &json!({"type": "sync", "id": "sync", "since": state.checkpoint, "chats": chats}),
-            )
-            .await?;
-            break;
-        }
-    }
+    send_sync(&mut conn, &state).await?;
     let mut synced = false;
     let mut last_ping = tokio::time::Instant::now();
     // Nothing received for idle_timeout_ms closes the connection: ping as the gateway asks.
@@ -875,6 +879,11 @@ async fn tail_once(
                 } else {
                     eprintln!("-- synced; live from here (Ctrl-C stops) --");
                 }
+            }
+            Some("error") if f["id"] == "sync" && f["code"] == "unavailable" && !synced => {
+                // Nothing was skipped; the platform asks for the sync again.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                send_sync(&mut conn, &state).await?;
             }
             Some("error") if f["id"] == "sync" => return Err(refusal(&f)),
             Some("reconnect") => {
