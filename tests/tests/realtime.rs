@@ -6,6 +6,7 @@ use chat_tests::platform::{Client, Options, Platform, Role};
 use chat_tests::ws::{self, Incoming};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -415,6 +416,93 @@ async fn the_sessions_of_the_last_gateway_expire_when_it_dies() {
         killed.elapsed().as_millis()
     );
     assert!(killed.elapsed() < Duration::from_millis(TTL_MS + 5_000));
+    p.stop().await;
+}
+
+/// A wrong close heals: a `gateway_expired` close of a session whose
+/// connection is open (injected here, as a presence service with a wrong
+/// view would append it) is forwarded by the router to the gateway, which
+/// announces the session again; live delivery to the socket resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrongly_expired_session_is_announced_again_and_delivery_resumes() {
+    let p = Platform::start("presence-heal", 1, 1).await.unwrap();
+    let mut ann = online(&p, 0, "ann", "a1").await;
+    let mut bob = online(&p, 0, "bob", "b1").await;
+    let chat = create(&mut ann, "direct", &["bob"]).await;
+    let opened: Vec<(Uuid, String)> = read_all(&p, &p.log.topics.sessions)
+        .await
+        .into_iter()
+        .filter(|e| e.sender_user == "bob")
+        .filter_map(|e| match e.body {
+            chat_schemas::Body::SessionOpened(o) => Some((o.session_id, o.gateway_id)),
+            _ => None,
+        })
+        .collect();
+    let [(session, gateway)] = &opened[..] else {
+        panic!("one session of bob: {opened:?}")
+    };
+    let close = chat_schemas::Envelope {
+        event_id: Uuid::new_v4(),
+        chat_id: None,
+        seq: None,
+        sender_user: "bob".into(),
+        sender_device: "presence".into(),
+        client_msg_id: None,
+        client_ts: None,
+        server_ts: chat_runtime::now_ms(),
+        sequenced_ts: None,
+        trace_id: "heal".into(),
+        body: chat_schemas::Body::SessionClosed(chat_schemas::SessionClosed {
+            gateway_id: gateway.clone(),
+            device_id: "b1".into(),
+            session_id: *session,
+            reason: "gateway_expired".into(),
+        }),
+    };
+    p.log
+        .producer
+        .send(&p.log.topics.sessions, "bob", &close)
+        .await
+        .unwrap();
+    // The gateway announces the session again, after the close.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let kinds: Vec<&'static str> = read_all(&p, &p.log.topics.sessions)
+            .await
+            .into_iter()
+            .filter(|e| e.sender_user == "bob")
+            .filter_map(|e| match e.body {
+                chat_schemas::Body::SessionOpened(o) if o.session_id == *session => Some("open"),
+                chat_schemas::Body::SessionClosed(c) if c.session_id == *session => Some("close"),
+                _ => None,
+            })
+            .collect();
+        if kinds == ["open", "close", "open"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not announced again: {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The router routes to it again: a message reaches bob's open socket.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let ack = ann
+            .request(json!({"type": "send", "chat": chat, "client_msg_id": format!("h{n}"), "text": "back?"}))
+            .await
+            .unwrap();
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let seq = ack["seq"].clone();
+        let got = listen(&mut bob, Duration::from_secs(3), |v| {
+            v["type"] == "event" && v["chat"] == chat.as_str() && v["seq"] == seq
+        })
+        .await;
+        if got.last().is_some_and(|v| v["seq"] == seq) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no live delivery after the heal");
+    }
     p.stop().await;
 }
 
