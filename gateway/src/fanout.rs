@@ -7,6 +7,8 @@
 //! - `CommandResult` (from `chat.results`) → the connection that produced
 //!   the command (by the command's event id);
 //! - `SessionRouted` → the connection waiting for it (by session id);
+//! - `SessionClosed` (`gateway_expired`, forwarded by the router) → the
+//!   session re-announcer ([`Hub::on_expired`]);
 //! - any chat event → every local connection of every user in the record's
 //!   `recipients` header.
 //!
@@ -125,6 +127,9 @@ pub struct Hub {
     watchers: RwLock<HashMap<String, HashMap<u64, ConnHandle>>>,
     /// Per connection, the users it watches (to undo a watch).
     watched: Mutex<HashMap<u64, Vec<String>>>,
+    /// Where sessions of this gateway closed by the presence service go
+    /// (user, session, the close's event id).
+    expired: Mutex<Option<mpsc::Sender<(String, Uuid, Uuid)>>>,
     pub(crate) metrics: Arc<GatewayMetrics>,
 }
 
@@ -137,7 +142,16 @@ impl Hub {
             routed: Mutex::default(),
             watchers: RwLock::default(),
             watched: Mutex::default(),
+            expired: Mutex::default(),
             metrics,
+        }
+    }
+
+    /// Sends the sessions of this gateway that the presence service closed
+    /// (`gateway_expired`) to `tx`: (user, session, close event id).
+    pub fn on_expired(&self, tx: mpsc::Sender<(String, Uuid, Uuid)>) {
+        if let Ok(mut e) = self.expired.lock() {
+            *e = Some(tx);
         }
     }
 
@@ -367,6 +381,19 @@ impl Hub {
                 if let Ok(users) = self.users.read() {
                     for conn in users.get(&envelope.sender_user).into_iter().flatten() {
                         self.offer(conn, chat, frame.clone(), position(record));
+                    }
+                }
+            }
+            Body::SessionClosed(c) if c.gateway_id == self.gateway_id => {
+                let tx = self.expired.lock().ok().and_then(|e| e.clone());
+                if let Some(tx) = tx {
+                    let item = (
+                        envelope.sender_user.clone(),
+                        c.session_id,
+                        envelope.event_id,
+                    );
+                    if tx.try_send(item).is_err() {
+                        tracing::warn!(session = %c.session_id, "re-announce queue full; session stays closed");
                     }
                 }
             }

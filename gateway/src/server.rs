@@ -86,6 +86,13 @@ impl Shared {
         }
     }
 
+    /// The (user, device) of a session whose connection is still open.
+    fn session_open(&self, session: Uuid) -> Option<(String, String)> {
+        let s = self.sessions.lock().ok()?;
+        let e = s.get(&session)?;
+        (!e.closer.is_closed()).then(|| (e.user.clone(), e.device.clone()))
+    }
+
     /// Forgets a session; whoever removes it produces its `SessionClosed`.
     pub fn sessions_remove(&self, session: Uuid) -> Option<(String, String)> {
         self.sessions
@@ -369,6 +376,57 @@ async fn gateway_heartbeat(
     Ok(())
 }
 
+/// Heals a wrong close: the presence service closed a session of this
+/// gateway as expired (`gateway_expired`, forwarded by the router) while its
+/// connection is open here. The session is announced again with the same
+/// id, so the router routes to it and presence counts it again. A close
+/// seen twice (several router instances) is re-announced once.
+async fn reannounce_expired(shared: Arc<Shared>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(65_536);
+    shared.hub.on_expired(tx);
+    let mut seen: std::collections::VecDeque<Uuid> = std::collections::VecDeque::new();
+    while let Some((user, session, close_id)) = rx.recv().await {
+        if seen.contains(&close_id) {
+            continue;
+        }
+        seen.push_back(close_id);
+        if seen.len() > 1024 {
+            seen.pop_front();
+        }
+        let Some((owner, device)) = shared.session_open(session) else {
+            continue; // closed here too: the close was right
+        };
+        if owner != user {
+            continue;
+        }
+        let body = EventBody::SessionOpened(chat_schemas::SessionOpened {
+            gateway_id: shared.config.gateway_id.clone(),
+            device_id: device.clone(),
+            session_id: session,
+            opened_at: now_ms(),
+        });
+        let env = shared.session_envelope(&user, &device, body);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(5),
+            shared.producer.send(&shared.topics.sessions, &user, &env),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => {
+                tracing::warn!(%session, %user, "session expired by presence while open here; announced again")
+            }
+            other => tracing::warn!(%session, ?other, "session not announced again"),
+        }
+        // The connection may have ended (and produced its SessionClosed)
+        // while this was being sent: close it again after the re-announce.
+        if shared.session_open(session).is_none() {
+            shared
+                .produce_session_closed(&user, &device, session, "closed".into())
+                .await;
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     instance: Uuid,
@@ -395,6 +453,7 @@ async fn serve(
             }
         })
     };
+    let reannounce = tokio::spawn(reannounce_expired(shared.clone()));
     let limiter_sweep = {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -447,6 +506,7 @@ async fn serve(
     drop(listener);
     limiter_sweep.abort();
     heartbeats.abort();
+    reannounce.abort();
 
     // Drain: every session sends `reconnect`, closes with 1001 and produces
     // its SessionClosed; leftovers are closed here.

@@ -351,6 +351,26 @@ impl PartitionedConsumer {
         Ok(())
     }
 
+    /// Whether `partition` is assigned to this member now.
+    pub fn owns(&self, partition: i32) -> bool {
+        self.consumer
+            .assignment()
+            .map(|a| a.find_partition(&self.topic, partition).is_some())
+            .unwrap_or(true)
+    }
+
+    /// The high watermark of `partition` as the broker says it now (the
+    /// offset the next record will get). Blocks a worker thread for up to
+    /// `timeout`.
+    pub async fn high_watermark(&self, partition: i32, timeout: Duration) -> Result<i64, LogError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, partition, timeout))
+            .await
+            .map_err(|e| LogError::Config(e.to_string()))?
+            .map(|(_, high)| high)
+            .map_err(LogError::Kafka)
+    }
+
     /// Queues a commit of `next_offset` for `partition` without waiting for
     /// the coordinator (for at-least-once callers on the hot path: a crash
     /// re-reads at most the last few batches).

@@ -7,6 +7,7 @@
 //! | `chat.events` | chat id | sequenced events: the source of truth, kept forever |
 //! | `chat.sessions` | user id | session opened / closed, the delivery router's registry |
 //! | `chat.presence` | user id | presence changes (compacted: the latest per user) |
+//! | `chat.user-settings` | user id (hidden) / user id, NUL, device id (revocation) | `PresenceSettingChanged` and `DeviceRevoked` copied from `chat.sessions` by the presence service (compacted, kept forever: outlives `chat.sessions`' 7 days) |
 //! | `chat.ephemeral` | chat id | typing indicators: routed to watchers, never stored in history (1 hour) |
 //! | `chat.deliveries` | gateway id | events routed to the gateways holding recipients |
 //! | `chat.results` | gateway id | the sequencer's `CommandResult`s (acks), apart from deliveries so an open sequencer transaction never holds back live events |
@@ -42,6 +43,7 @@ pub struct Topics {
     pub events: String,
     pub sessions: String,
     pub presence: String,
+    pub user_settings: String,
     pub ephemeral: String,
     pub deliveries: String,
     pub results: String,
@@ -58,6 +60,7 @@ impl Topics {
             events: format!("{p}chat.events"),
             sessions: format!("{p}chat.sessions"),
             presence: format!("{p}chat.presence"),
+            user_settings: format!("{p}chat.user-settings"),
             ephemeral: format!("{p}chat.ephemeral"),
             deliveries: format!("{p}chat.deliveries"),
             results: format!("{p}chat.results"),
@@ -81,6 +84,7 @@ impl Topics {
             spec(&self.events, chat, "delete", -1),
             spec(&self.sessions, chat, "delete", 7 * DAY_MS),
             spec(&self.presence, chat, "compact", -1),
+            spec(&self.user_settings, chat, "compact", -1),
             spec(&self.ephemeral, chat, "delete", 3_600_000),
             spec(&self.deliveries, chat, "delete", DAY_MS),
             spec(&self.results, chat, "delete", DAY_MS),
@@ -236,6 +240,19 @@ mod tests {
         assert_eq!(
             deliveries_partition("a", 1000),
             (0xe40c_292c_u32 % 1000) as i32
+        );
+    }
+
+    #[test]
+    fn user_settings_outlive_the_session_log() {
+        let t = Topics::new(&LogConfig::default());
+        let s = t
+            .specs()
+            .into_iter()
+            .find(|s| s.name == "chat.user-settings");
+        assert_eq!(
+            s.map(|s| (s.cleanup_policy, s.retention_ms)),
+            Some(("compact", -1))
         );
     }
 

@@ -6,6 +6,7 @@ use chat_tests::platform::{Client, Options, Platform, Role};
 use chat_tests::ws::{self, Incoming};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
+use uuid::Uuid;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -238,6 +239,403 @@ async fn presence_expires_after_the_ttl_reaches_only_watchers_and_survives_a_dea
         "eve offline at a watcher {} ms after her gateway was killed (gateway TTL 4000 ms)",
         killed.elapsed().as_millis()
     );
+    p.stop().await;
+}
+
+/// Sends SIGSTOP or SIGCONT to a process (no libc dependency).
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// Finding 2 of the log-guarantees issue: a presence service that stalls
+/// longer than the gateway TTL (here: stopped for twice the TTL) must not
+/// close live sessions when it resumes. Gateway expiry follows the log's
+/// time (the heartbeats written meanwhile), not the stalled loop's clock.
+/// One gateway only: nothing but its own heartbeats says it is alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_presence_service_closes_no_live_session() {
+    let p = Platform::start_with(
+        "presence-stall",
+        Options {
+            gateways: 1,
+            workers: 1,
+            gateway_env: env(&[
+                ("CHAT_TIMEOUTS__GATEWAY_HEARTBEAT_MS", "1000"),
+                ("CHAT_TIMEOUTS__PRESENCE_BATCH_MS", &BATCH_MS.to_string()),
+            ]),
+            presence_env: env(&[("CHAT_GATEWAY_TTL_MS", &TTL_MS.to_string())]),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut ann = online(&p, 0, "ann", "a1").await;
+    let mut bob = online(&p, 0, "bob", "b1").await;
+    let chat = create(&mut ann, "direct", &["bob"]).await;
+    // ann watches bob and sees him online before the stall.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = watch(&mut ann, &[&chat]).await;
+        let bob_online = presence_of(std::slice::from_ref(&answer), "bob")
+            .iter()
+            .any(|u| u["status"] == "online");
+        if bob_online {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob never online: {answer}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let pid = p.pids(Role::Presence)[0];
+    signal(pid, "-STOP");
+    let stall = Duration::from_millis(TTL_MS * 2);
+    let (ann_stalled, _) = tokio::join!(
+        listen(&mut ann, stall, |_| false),
+        listen(&mut bob, stall, |_| false),
+    );
+    signal(pid, "-CONT");
+    // Longer than the TTL plus a check after the resume: a wrong expiry
+    // would be appended, folded and published by then.
+    let after = Duration::from_millis(TTL_MS + 4_000);
+    let (ann_after, _) = tokio::join!(
+        listen(&mut ann, after, |_| false),
+        listen(&mut bob, after, |_| false),
+    );
+    let seen: Vec<Value> = ann_stalled.into_iter().chain(ann_after).collect();
+    let offline: Vec<Value> = presence_of(&seen, "bob")
+        .into_iter()
+        .filter(|u| u["status"] != "online")
+        .collect();
+    assert!(
+        offline.is_empty(),
+        "bob's session was closed by the stalled presence service: {offline:?}"
+    );
+    // Not even briefly (the gateway would re-announce a wrongly closed
+    // session, and one presence window could hide the blip): the session
+    // log holds no close of either session.
+    let tail = chat_log::TopicTail::open(
+        &p.log.config,
+        p.log.registry.clone(),
+        &p.log.topics.sessions,
+        None,
+        chat_log::TailStart::Beginning,
+    )
+    .await
+    .unwrap();
+    let mut closes = Vec::new();
+    tail.read_to_end(|item| {
+        if let chat_log::TailItem::Event(ev) = item {
+            if let chat_schemas::Body::SessionClosed(c) = &ev.envelope.body {
+                closes.push((ev.envelope.sender_user.clone(), c.reason.clone()));
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(closes.is_empty(), "sessions closed: {closes:?}");
+
+    // bob's socket still receives live events.
+    let ack = ann
+        .request(json!({"type": "send", "chat": chat, "client_msg_id": "after-stall", "text": "still there?"}))
+        .await
+        .unwrap();
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seq = ack["seq"].clone();
+    let got = listen(&mut bob, Duration::from_secs(10), |v| {
+        v["type"] == "event" && v["chat"] == chat.as_str() && v["seq"] == seq
+    })
+    .await;
+    assert!(
+        got.last()
+            .is_some_and(|v| v["type"] == "event" && v["seq"] == seq),
+        "the message after the stall was not delivered live: {got:?}"
+    );
+    // And the presence table agrees: bob is online.
+    let answer = watch(&mut ann, &[&chat]).await;
+    assert!(
+        presence_of(std::slice::from_ref(&answer), "bob")
+            .iter()
+            .all(|u| u["status"] == "online"),
+        "{answer}"
+    );
+    p.stop().await;
+}
+
+/// The edge of log-time expiry: the only gateway dies, so no heartbeat
+/// moves the log clock. Once the presence service has folded everything
+/// the partition holds, wall time counts and the dead gateway's sessions
+/// are closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_of_the_last_gateway_expire_when_it_dies() {
+    let mut p = Platform::start_with(
+        "presence-last-gw",
+        Options {
+            gateways: 1,
+            workers: 1,
+            gateway_env: env(&[("CHAT_TIMEOUTS__GATEWAY_HEARTBEAT_MS", "1000")]),
+            presence_env: env(&[("CHAT_GATEWAY_TTL_MS", &TTL_MS.to_string())]),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let bob = online(&p, 0, "bob", "b1").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    p.kill(Role::Gateway, 0);
+    let killed = Instant::now();
+    drop(bob);
+    let closed = loop {
+        let closes: Vec<String> = read_all(&p, &p.log.topics.sessions)
+            .await
+            .into_iter()
+            .filter_map(|e| match e.body {
+                chat_schemas::Body::SessionClosed(c) if e.sender_user == "bob" => Some(c.reason),
+                _ => None,
+            })
+            .collect();
+        if !closes.is_empty() {
+            break closes;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "bob's session never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(closed, ["gateway_expired"]);
+    println!(
+        "the last gateway's session closed {} ms after it died (TTL {TTL_MS} ms)",
+        killed.elapsed().as_millis()
+    );
+    assert!(killed.elapsed() < Duration::from_millis(TTL_MS + 5_000));
+    p.stop().await;
+}
+
+/// A wrong close heals: a `gateway_expired` close of a session whose
+/// connection is open (injected here, as a presence service with a wrong
+/// view would append it) is forwarded by the router to the gateway, which
+/// announces the session again; live delivery to the socket resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrongly_expired_session_is_announced_again_and_delivery_resumes() {
+    let p = Platform::start("presence-heal", 1, 1).await.unwrap();
+    let mut ann = online(&p, 0, "ann", "a1").await;
+    let mut bob = online(&p, 0, "bob", "b1").await;
+    let chat = create(&mut ann, "direct", &["bob"]).await;
+    let opened: Vec<(Uuid, String)> = read_all(&p, &p.log.topics.sessions)
+        .await
+        .into_iter()
+        .filter(|e| e.sender_user == "bob")
+        .filter_map(|e| match e.body {
+            chat_schemas::Body::SessionOpened(o) => Some((o.session_id, o.gateway_id)),
+            _ => None,
+        })
+        .collect();
+    let [(session, gateway)] = &opened[..] else {
+        panic!("one session of bob: {opened:?}")
+    };
+    let close = chat_schemas::Envelope {
+        event_id: Uuid::new_v4(),
+        chat_id: None,
+        seq: None,
+        sender_user: "bob".into(),
+        sender_device: "presence".into(),
+        client_msg_id: None,
+        client_ts: None,
+        server_ts: chat_runtime::now_ms(),
+        sequenced_ts: None,
+        trace_id: "heal".into(),
+        body: chat_schemas::Body::SessionClosed(chat_schemas::SessionClosed {
+            gateway_id: gateway.clone(),
+            device_id: "b1".into(),
+            session_id: *session,
+            reason: "gateway_expired".into(),
+        }),
+    };
+    p.log
+        .producer
+        .send(&p.log.topics.sessions, "bob", &close)
+        .await
+        .unwrap();
+    // The gateway announces the session again, after the close.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let kinds: Vec<&'static str> = read_all(&p, &p.log.topics.sessions)
+            .await
+            .into_iter()
+            .filter(|e| e.sender_user == "bob")
+            .filter_map(|e| match e.body {
+                chat_schemas::Body::SessionOpened(o) if o.session_id == *session => Some("open"),
+                chat_schemas::Body::SessionClosed(c) if c.session_id == *session => Some("close"),
+                _ => None,
+            })
+            .collect();
+        if kinds == ["open", "close", "open"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not announced again: {kinds:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The router routes to it again: a message reaches bob's open socket.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let ack = ann
+            .request(json!({"type": "send", "chat": chat, "client_msg_id": format!("h{n}"), "text": "back?"}))
+            .await
+            .unwrap();
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let seq = ack["seq"].clone();
+        let got = listen(&mut bob, Duration::from_secs(3), |v| {
+            v["type"] == "event" && v["chat"] == chat.as_str() && v["seq"] == seq
+        })
+        .await;
+        if got.last().is_some_and(|v| v["seq"] == seq) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no live delivery after the heal");
+    }
+    p.stop().await;
+}
+
+/// Every record of `topic` now in the log (all partitions).
+async fn read_all(p: &Platform, topic: &str) -> Vec<chat_schemas::Envelope> {
+    let tail = chat_log::TopicTail::open(
+        &p.log.config,
+        p.log.registry.clone(),
+        topic,
+        None,
+        chat_log::TailStart::Beginning,
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    tail.read_to_end(|item| {
+        if let chat_log::TailItem::Event(ev) = item {
+            out.push(ev.envelope);
+        }
+    })
+    .await
+    .unwrap();
+    out
+}
+
+/// Finding 7 (part): a hidden flag and a device revocation must outlive
+/// `chat.sessions`' retention. Retention is simulated by deleting every
+/// record of `chat.sessions` and truncating `user_devices`; the presence
+/// service restarts and rebuilds from its durable home, `chat.user-settings`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_presence_and_revoked_devices_outlive_the_session_log() {
+    let mut p = Platform::start_with(
+        "user-settings",
+        Options {
+            gateways: 1,
+            workers: 1,
+            gateway_env: env(&[
+                ("CHAT_TIMEOUTS__GATEWAY_HEARTBEAT_MS", "1000"),
+                ("CHAT_TIMEOUTS__PRESENCE_BATCH_MS", &BATCH_MS.to_string()),
+            ]),
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut ann = online(&p, 0, "ann", "laptop").await;
+    let mut phone = online(&p, 0, "ann", "phone").await;
+    let mut dan = online(&p, 0, "dan", "d1").await;
+    let old_token = p.token("ann", "phone").await.unwrap();
+    let chat = create(&mut ann, "direct", &["dan"]).await;
+    watch(&mut ann, &[&chat]).await;
+    let ok = dan
+        .request(json!({"type": "presence_settings", "hidden": true}))
+        .await
+        .unwrap();
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let ok = ann
+        .request(json!({"type": "revoke_device", "device": "phone"}))
+        .await
+        .unwrap();
+    assert_eq!(ok["type"], "ok", "{ok}");
+    loop {
+        match phone.next(WAIT).await.unwrap() {
+            Some(Incoming::Closed(code, _)) => break assert_eq!(code, 4003),
+            Some(Incoming::Json(_)) => continue,
+            None => panic!("the revoked device was not closed"),
+        }
+    }
+    // Both settings reach their durable home.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let kept = read_all(&p, &p.log.topics.user_settings).await;
+        if kept.len() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "settings not copied: {kept:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    drop(dan);
+
+    // A week passes: chat.sessions forgets, and user_devices is rebuilt
+    // from scratch (truncated; the presence service rewrites it).
+    p.kill(Role::Presence, 0);
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &p.log.config.brokers)
+            .create()
+            .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for part in 0..p.log.config.chat_partitions {
+        tpl.add_partition_offset(&p.log.topics.sessions, part, rdkafka::Offset::End)
+            .unwrap();
+    }
+    let opts = rdkafka::admin::AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let deleted = admin.delete_records(&tpl, &opts).await.unwrap();
+    assert!(
+        deleted.elements().iter().all(|e| e.error().is_ok()),
+        "{deleted:?}"
+    );
+    let cql = scylla::client::session_builder::SessionBuilder::new()
+        .known_nodes(&p.store.nodes)
+        .build()
+        .await
+        .unwrap();
+    cql.query_unpaged(format!("TRUNCATE {}.user_devices", p.store.keyspace), ())
+        .await
+        .unwrap();
+    p.restart(Role::Presence, 0).await.unwrap();
+
+    // The phone's old token stays refused once presence rebuilt.
+    let url = format!("http://{}/ws?token={old_token}&device=phone", p.gateway(0));
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let refused = loop {
+        let r = reqwest::get(&url).await.unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        if status == 401 || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (refused.0, &refused.1["error"]),
+        (401, &json!("device_revoked")),
+        "{refused:?}"
+    );
+    // dan is still hidden: connecting again does not show him online.
+    let _dan = online(&p, 0, "dan", "d2").await;
+    let frames = listen(&mut ann, Duration::from_secs(5), |v| {
+        is_presence(v, "dan", "online")
+    })
+    .await;
+    let shown: Vec<Value> = presence_of(&frames, "dan")
+        .into_iter()
+        .filter(|u| u["status"] == "online")
+        .collect();
+    assert!(shown.is_empty(), "hidden dan shown online: {shown:?}");
     p.stop().await;
 }
 

@@ -416,6 +416,9 @@ enum SessionAction {
     },
     /// A device was revoked: tell the gateways holding the user.
     Revoked { gateways: Vec<String>, user: String },
+    /// The presence service closed a session because its gateway looked
+    /// dead: tell that gateway, which re-announces it if it is in fact open.
+    Expired { gateway: String, user: String },
 }
 
 fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<SessionAction> {
@@ -435,7 +438,10 @@ fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<SessionA
         }
         Body::SessionClosed(c) => {
             s.close(&e.sender_user, &c.session_id);
-            None
+            (c.reason == "gateway_expired").then(|| SessionAction::Expired {
+                gateway: c.gateway_id.clone(),
+                user: e.sender_user.clone(),
+            })
         }
         Body::DeviceRevoked(_) => {
             let users = [e.sender_user.clone()];
@@ -497,6 +503,9 @@ async fn follow_sessions(
                 .into_iter()
                 .map(|g| to_gateway(&topics, partitions, g, &user, ev.envelope.clone()))
                 .collect(),
+            SessionAction::Expired { gateway, user } => {
+                vec![to_gateway(gateway, &user, ev.envelope.clone())]
+            }
         };
         // Not awaited: in a reconnect storm the answers go out together
         // (the producer batches them) instead of one round trip each.

@@ -7,6 +7,20 @@
 //! when a gateway's heartbeats stop for the TTL, or when it restarts under
 //! the same id (a new `instance_id`), its sessions are closed by appending
 //! `SessionClosed` records, which then fold like any other close.
+//!
+//! **Log time.** Whether a gateway's heartbeats stopped is decided by the
+//! partition's own records, never by the clock of the process folding them:
+//! the fold keeps a log clock that only `GatewayHeartbeat` records move. A
+//! heartbeat moves it by the time its gateway's own clock says passed since
+//! that gateway's previous heartbeat (`seen + (ts - own_ts)`, the larger of
+//! that and the clock), so the clock runs as fast as the fastest live
+//! gateway's and constant offsets between the gateways' clocks do not
+//! matter. A gateway is expired when the clock passed its last heartbeat by
+//! more than the TTL: a fold that stalls (stopped, slow rebuild, blocked
+//! writes) reads the backlog in order and sees every live gateway's
+//! heartbeats in time. When no gateway beats, the clock stands still; the
+//! service then may pass `idle_ms` to [`PresenceState::expire`] (see the
+//! service's docs: only once caught up with the partition's end).
 
 use chat_schemas::{Body, Envelope, PresenceStatus};
 use std::collections::HashMap;
@@ -34,9 +48,12 @@ impl User {
 
 #[derive(Clone, Debug)]
 struct Gateway {
+    /// Nil when only a session of it was seen, not a heartbeat yet.
     instance: Uuid,
-    /// When its last heartbeat was seen (ms, this process's clock).
-    seen_ms: i64,
+    /// The log clock after its last heartbeat (ms).
+    seen: i64,
+    /// Its own clock (`server_ts`) at that heartbeat (ms).
+    own_ts: i64,
 }
 
 /// What a record (or the passing of time) implies.
@@ -75,6 +92,10 @@ pub enum Effect {
 pub struct PresenceState {
     users: HashMap<String, User>,
     gateways: HashMap<String, Gateway>,
+    /// The log clock (ms): see the module docs.
+    clock: i64,
+    /// False until the first heartbeat set the clock.
+    clock_set: bool,
 }
 
 impl PresenceState {
@@ -86,27 +107,47 @@ impl PresenceState {
             .count()
     }
 
-    /// Folds one record read at `now_ms` (this process's clock; for a
-    /// rebuild, pass the record's own time) and returns its effects.
-    pub fn apply(&mut self, ev: &Envelope, now_ms: i64) -> Vec<Effect> {
+    /// The log clock (ms): how far the partition's heartbeats say time went.
+    pub fn clock(&self) -> i64 {
+        self.clock
+    }
+
+    /// Folds one record and returns its effects. No wall clock: time is
+    /// what the records say (module docs).
+    pub fn apply(&mut self, ev: &Envelope) -> Vec<Effect> {
         let user_id = &ev.sender_user;
         let mut out = Vec::new();
         match &ev.body {
             Body::GatewayHeartbeat(h) => {
-                let restarted = self
-                    .gateways
-                    .get(&h.gateway_id)
-                    .is_some_and(|g| g.instance != h.instance_id);
+                let ts = ev.server_ts;
+                let prev = self.gateways.get(&h.gateway_id).cloned();
+                let restarted = prev
+                    .as_ref()
+                    .is_some_and(|g| !g.instance.is_nil() && g.instance != h.instance_id);
                 if restarted {
                     // Every session of the earlier instance is gone. The new
                     // instance writes this heartbeat before any session.
                     self.close_gateway(&h.gateway_id, "gateway_restarted", &mut out);
                 }
+                match prev.filter(|_| !restarted) {
+                    // Its own clock says how long since its previous beat.
+                    Some(g) => {
+                        let mapped = g.seen.saturating_add(ts.saturating_sub(g.own_ts));
+                        self.clock = self.clock.max(mapped);
+                    }
+                    // A first heartbeat only anchors its clock to ours.
+                    None if !self.clock_set => {
+                        self.clock = ts;
+                        self.clock_set = true;
+                    }
+                    None => {}
+                }
                 self.gateways.insert(
                     h.gateway_id.clone(),
                     Gateway {
                         instance: h.instance_id,
-                        seen_ms: now_ms,
+                        seen: self.clock,
+                        own_ts: ts,
                     },
                 );
             }
@@ -123,12 +164,15 @@ impl PresenceState {
                     device: o.device_id.clone(),
                     at: o.opened_at,
                 });
-                // A session of a gateway never heard of counts as alive now.
+                // A session of a gateway never heard of counts as alive now
+                // (a gateway re-announcing sessions after it was expired).
+                let clock = self.clock;
                 self.gateways
                     .entry(o.gateway_id.clone())
                     .or_insert(Gateway {
                         instance: Uuid::nil(),
-                        seen_ms: now_ms,
+                        seen: clock,
+                        own_ts: ev.server_ts,
                     });
             }
             Body::SessionClosed(c) => {
@@ -168,13 +212,17 @@ impl PresenceState {
         out
     }
 
-    /// Closes the sessions of gateways not heard of for `ttl_ms` (they died
-    /// without saying goodbye) and forgets those gateways.
-    pub fn expire(&mut self, now_ms: i64, ttl_ms: i64) -> Vec<Effect> {
+    /// Closes the sessions of gateways whose last heartbeat the log clock
+    /// passed by more than `ttl_ms` (they died without saying goodbye) and
+    /// forgets those gateways. `idle_ms` is added to the log clock: 0, unless
+    /// the caller knows that much time passed with no heartbeat at all while
+    /// it was caught up with the partition (the last gateway died).
+    pub fn expire(&mut self, ttl_ms: i64, idle_ms: i64) -> Vec<Effect> {
+        let now = self.clock.saturating_add(idle_ms.max(0));
         let dead: Vec<String> = self
             .gateways
             .iter()
-            .filter(|(_, g)| now_ms - g.seen_ms > ttl_ms)
+            .filter(|(_, g)| now - g.seen > ttl_ms)
             .map(|(id, _)| id.clone())
             .collect();
         let mut out = Vec::new();
@@ -288,64 +336,153 @@ mod tests {
     fn online_with_the_first_session_offline_after_the_last() {
         let mut s = PresenceState::default();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let on = s.apply(&open("u", "g", a, 10), 10);
+        let on = s.apply(&open("u", "g", a, 10));
         assert_eq!(
             statuses(&on),
             vec![("u".into(), PresenceStatus::Online, None)]
         );
-        assert!(statuses(&s.apply(&open("u", "g", b, 11), 11)).is_empty());
-        assert!(statuses(&s.apply(&close("u", "g", a, 12), 12)).is_empty());
-        let off = s.apply(&close("u", "g", b, 13), 13);
+        assert!(statuses(&s.apply(&open("u", "g", b, 11))).is_empty());
+        assert!(statuses(&s.apply(&close("u", "g", a, 12))).is_empty());
+        let off = s.apply(&close("u", "g", b, 13));
         assert_eq!(
             statuses(&off),
             vec![("u".into(), PresenceStatus::Offline, Some(13))]
         );
         // A close of an unknown session changes nothing.
-        assert!(s.apply(&close("u", "g", a, 14), 14).is_empty());
+        assert!(s.apply(&close("u", "g", a, 14)).is_empty());
     }
 
     #[test]
     fn a_silent_gateway_expires_and_a_restarted_one_drops_its_old_sessions() {
         let mut s = PresenceState::default();
         let (i1, i2) = (Uuid::new_v4(), Uuid::new_v4());
-        s.apply(&beat("g1", i1, 0), 0);
-        s.apply(&beat("g2", i1, 0), 0);
+        s.apply(&beat("g1", i1, 0));
+        s.apply(&beat("g2", i1, 0));
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        s.apply(&open("u", "g1", a, 1), 1);
-        s.apply(&open("v", "g2", b, 1), 1);
-        s.apply(&beat("g2", i1, 9_000), 9_000);
-        // g1 silent for more than the TTL: its session is closed, g2's is not.
-        let closes = s.expire(10_001, 10_000);
+        s.apply(&open("u", "g1", a, 1));
+        s.apply(&open("v", "g2", b, 1));
+        s.apply(&beat("g2", i1, 9_000));
+        assert!(s.expire(10_000, 0).is_empty(), "9 s of log time < TTL");
+        s.apply(&beat("g2", i1, 10_001));
+        // g1 silent for more than the TTL of log time: its session is
+        // closed, g2's is not.
+        let closes = s.expire(10_000, 0);
         assert!(
             matches!(&closes[..], [Effect::Close { user, session, reason: "gateway_expired", .. }] if user == "u" && *session == a)
         );
-        assert!(s.expire(10_002, 10_000).is_empty(), "expired once");
+        assert!(s.expire(10_000, 0).is_empty(), "expired once");
         // g2 restarts with a new instance: its earlier sessions are closed.
-        let closes = s.apply(&beat("g2", i2, 9_500), 9_500);
+        let closes = s.apply(&beat("g2", i2, 10_500));
         assert!(
             matches!(&closes[..], [Effect::Close { user, reason: "gateway_restarted", .. }] if user == "v")
         );
+    }
+
+    /// The finding: a fold that stalls (stopped, slow rebuild, blocked
+    /// writes) must not expire live gateways. No wall clock enters the fold:
+    /// however late the records are read, a gateway beating every second is
+    /// never silent for the TTL.
+    #[test]
+    fn a_stalled_fold_reads_the_backlog_and_expires_nobody_alive() {
+        let mut s = PresenceState::default();
+        let i = Uuid::new_v4();
+        s.apply(&beat("g", i, 1_000));
+        s.apply(&open("u", "g", Uuid::new_v4(), 1_001));
+        // The fold stopped for a minute; the backlog is read at once, with
+        // an expiry check after every record, as the service may do.
+        for t in 1..=60 {
+            s.apply(&beat("g", i, 1_000 + t * 1_000));
+            assert!(s.expire(4_000, 0).is_empty(), "at {t} s");
+        }
+        assert_eq!(s.clock(), 61_000);
+        assert_eq!(s.online_users(), 1);
+    }
+
+    #[test]
+    fn skewed_gateway_clocks_do_not_expire_each_other_but_log_time_still_runs() {
+        let mut s = PresenceState::default();
+        let (i1, i2) = (Uuid::new_v4(), Uuid::new_v4());
+        let ahead = 3_600_000; // g1's clock is an hour ahead of g2's
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        for t in 0..20 {
+            s.apply(&beat("g2", i2, t * 1_000));
+            s.apply(&beat("g1", i1, ahead + t * 1_000));
+            if t == 0 {
+                s.apply(&open("u", "g1", a, ahead));
+                s.apply(&open("v", "g2", b, 0));
+            }
+            assert!(s.expire(4_000, 0).is_empty(), "at {t} s");
+        }
+        // g2 dies; g1's heartbeats alone move the clock past the TTL.
+        for t in 20..24 {
+            s.apply(&beat("g1", i1, ahead + t * 1_000));
+            assert!(s.expire(4_000, 0).is_empty(), "at {t} s");
+        }
+        s.apply(&beat("g1", i1, ahead + 24_000));
+        let closes = s.expire(4_000, 0);
+        assert!(
+            matches!(&closes[..], [Effect::Close { user, reason: "gateway_expired", .. }] if user == "v"),
+            "{closes:?}"
+        );
+    }
+
+    #[test]
+    fn with_no_heartbeat_at_all_only_idle_time_expires() {
+        let mut s = PresenceState::default();
+        let i = Uuid::new_v4();
+        s.apply(&beat("g", i, 5_000));
+        s.apply(&open("u", "g", Uuid::new_v4(), 5_001));
+        // The only gateway died: nothing moves the log clock.
+        assert!(s.expire(4_000, 0).is_empty());
+        assert!(s.expire(4_000, 4_000).is_empty());
+        let closes = s.expire(4_000, 4_001);
+        assert!(matches!(&closes[..], [Effect::Close { user, .. }] if user == "u"));
+    }
+
+    #[test]
+    fn an_expired_gateway_that_reannounces_sessions_is_not_taken_for_a_restart() {
+        let mut s = PresenceState::default();
+        let (i, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let a = Uuid::new_v4();
+        s.apply(&beat("g", i, 0));
+        s.apply(&beat("h", other, 0));
+        s.apply(&open("u", "g", a, 1));
+        s.apply(&beat("h", other, 5_000));
+        let closes = s.expire(4_000, 0);
+        assert_eq!(closes.len(), 1);
+        // presence appends the close; the fold reads it back
+        s.apply(&close("u", "g", a, 5_001));
+        // g was alive after all: it re-announces the session (same id), and
+        // then beats with the same instance: the session stays open.
+        let on = s.apply(&open("u", "g", a, 5_100));
+        assert_eq!(
+            statuses(&on),
+            vec![("u".into(), PresenceStatus::Online, None)]
+        );
+        assert!(s.apply(&beat("g", i, 5_200)).is_empty());
+        assert!(s.expire(4_000, 0).is_empty());
+        assert_eq!(s.online_users(), 1);
     }
 
     #[test]
     fn hidden_users_look_offline_without_last_seen() {
         let mut s = PresenceState::default();
         let a = Uuid::new_v4();
-        s.apply(&open("u", "g", a, 1), 1);
+        s.apply(&open("u", "g", a, 1));
         let hide = Body::PresenceSettingChanged(PresenceSettingChanged { hidden: true });
-        let hidden = s.apply(&env("u", 2, hide), 2);
+        let hidden = s.apply(&env("u", 2, hide));
         assert_eq!(
             statuses(&hidden),
             vec![("u".into(), PresenceStatus::Offline, None)]
         );
-        assert!(statuses(&s.apply(&close("u", "g", a, 3), 3)).is_empty());
+        assert!(statuses(&s.apply(&close("u", "g", a, 3))).is_empty());
         let show = Body::PresenceSettingChanged(PresenceSettingChanged { hidden: false });
-        let shown = s.apply(&env("u", 4, show), 4);
+        let shown = s.apply(&env("u", 4, show));
         assert_eq!(
             statuses(&shown),
             vec![("u".into(), PresenceStatus::Offline, Some(3))]
         );
-        let on = s.apply(&open("u", "g", Uuid::new_v4(), 5), 5);
+        let on = s.apply(&open("u", "g", Uuid::new_v4(), 5));
         assert_eq!(
             statuses(&on),
             vec![("u".into(), PresenceStatus::Online, None)]
