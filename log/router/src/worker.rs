@@ -504,7 +504,13 @@ async fn follow_sessions(
                 .map(|g| to_gateway(&topics, partitions, g, &user, ev.envelope.clone()))
                 .collect(),
             SessionAction::Expired { gateway, user } => {
-                vec![to_gateway(gateway, &user, ev.envelope.clone())]
+                vec![to_gateway(
+                    &topics,
+                    partitions,
+                    gateway,
+                    &user,
+                    ev.envelope.clone(),
+                )]
             }
         };
         // Not awaited: in a reconnect storm the answers go out together
