@@ -7,7 +7,10 @@
 //! Each test gives its clients a cold schema cache (a new `SchemaRegistry`)
 //! pointed at the proxy, as after a start or a registry restart.
 
-use chat_log::{LogConfig, SchemaRegistry, TailItem, TailStart, TopicTail, HEADER_GATEWAY_ID};
+use chat_log::{
+    BatchRecord, LogConfig, PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail,
+    HEADER_GATEWAY_ID,
+};
 use chat_schemas::*;
 use chat_sequencer::state::PartitionState;
 use chat_tests::TestLog;
@@ -262,6 +265,49 @@ async fn a_registry_error_during_a_rebuild_is_retried_not_a_lost_record() {
     assert_eq!(read, offsets, "every record, none undecodable");
     let seqs: Vec<u64> = events.iter().map(|(_, s)| *s).collect();
     assert_eq!(seqs, (1..=n).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_cancelled_while_its_records_decode_loses_none_of_them() {
+    let log = TestLog::start("slowbatch").await.unwrap();
+    let n = 20;
+    let (_, offsets) = write_chat(&log, n).await;
+    let proxy = SlowRegistry::start(&log.config, DELAY, 0).await;
+    let config = proxy.config(&log.config);
+    let registry = Arc::new(SchemaRegistry::new(&config).unwrap());
+    let mut consumer = PartitionedConsumer::connect(
+        &config,
+        registry,
+        &format!("{}cancelled", config.topic_prefix),
+        &log.topics.events,
+    )
+    .await
+    .unwrap();
+    // Like the sequencer's select! (a failure report) or the presence
+    // service's expiry tick: the wait for a batch is often cancelled, here
+    // well before the slow registry answers.
+    let never = tokio_util::sync::CancellationToken::new();
+    let mut read = Vec::new();
+    let mut cancelled = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while read.len() < offsets.len() && tokio::time::Instant::now() < deadline {
+        let next = consumer.next_batch(4, Duration::from_millis(20), &never);
+        match tokio::time::timeout(Duration::from_millis(150), next).await {
+            Ok(batch) => {
+                for r in batch.unwrap().unwrap().records {
+                    match r {
+                        BatchRecord::Event(ev) => read.push(ev.offset),
+                        BatchRecord::Undecodable { offset, error, .. } => {
+                            panic!("{offset} undecodable: {error}")
+                        }
+                    }
+                }
+            }
+            Err(_) => cancelled += 1,
+        }
+    }
+    assert!(cancelled > 0, "some waits were cancelled mid-decode");
+    assert_eq!(read, offsets, "every record once, in order");
 }
 
 fn sequencer_config(config: &LogConfig, prefix: &str) -> chat_sequencer::SequencerConfig {
