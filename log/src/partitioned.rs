@@ -241,7 +241,7 @@ impl PartitionedConsumer {
     /// most `linger` after the first one arrived. None when shutdown fired.
     ///
     /// Cancel-safe: records fetched and not yet handed out stay in this
-    /// consumer (see [`fill`](Self::fill)), so a caller may drop the future
+    /// consumer (see `fill`), so a caller may drop the future
     /// (a `select!` with another branch) and call again without a gap.
     pub async fn next_batch(
         &mut self,
