@@ -68,6 +68,7 @@ pub(crate) fn owned_headers<M: Message>(msg: &M) -> Vec<(String, Vec<u8>)> {
 
 /// A record taken off a consumer, owned, so the message is released before
 /// the (possibly waiting) decode.
+#[derive(Default)]
 pub(crate) struct Fetched {
     pub(crate) topic: String,
     pub(crate) partition: i32,

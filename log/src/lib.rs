@@ -15,7 +15,13 @@
 //!
 //! Guarantees: at-least-once consumption (a handler may see a record again
 //! after a crash, never miss one); per-partition order as Kafka keeps it;
-//! no duplicate produce from librdkafka's internal retries (idempotence).
+//! no duplicate produce from librdkafka's internal retries (idempotence);
+//! a record taken off a consumer is never dropped: timeouts bound only the
+//! wait for a message, a decode waiting on the registry always completes
+//! (registry failures are retried, not turned into undecodable records),
+//! and the futures of [`TopicTail::next`] and
+//! [`PartitionedConsumer::next_batch`] may be cancelled without losing one
+//! (see [`tail`] and [`partitioned`]).
 //! Not promised here: exactly-once processing; the projections make their
 //! writes idempotent instead (keyed by chat and seq).
 //!

@@ -9,6 +9,18 @@
 //! partition is read again from the batch's first offset and the next batch is
 //! fresh again.
 //!
+//! **A record fetched is never dropped.** A record taken off the Kafka
+//! consumer has moved the consumer's position past it; if it were lost, the
+//! next batch of its partition would start after it and commit past it.
+//! [`PartitionedConsumer::next_batch`] is therefore cancel-safe: a record
+//! being decoded (which may wait on the registry: cold cache, restart, load)
+//! and the records of a batch being collected live in the consumer, not in
+//! the future, so a caller may drop the future in a `select!` (the
+//! sequencer's failure reports, the presence service's expiry tick) and the
+//! next call goes on from them. Its timeouts bound only the wait for a
+//! message; a decode always completes (a registry that cannot be asked is
+//! retried, never turned into an undecodable record).
+//!
 //! [`TxnProducer`] is a transactional producer for one input partition
 //! (`transactional.id = <prefix>-<partition>`): its `init` fences any earlier
 //! owner of that partition (a zombie after a rebalance or a paused process),
@@ -142,9 +154,14 @@ pub struct PartitionedConsumer {
     topic: String,
     /// Partitions whose state the caller holds (a batch was handed out since assignment).
     warm: HashSet<i32>,
-    /// Records read ahead that belong to other partitions than the batch being built.
-    pending: VecDeque<BatchRecord>,
-    pending_partitions: VecDeque<i32>,
+    /// Records decoded but not handed out yet, with their partitions, in
+    /// fetch order: the batch being collected and read-ahead records of
+    /// other partitions. Kept here, not in a future, so a cancelled
+    /// [`next_batch`](Self::next_batch) loses none of them.
+    pending: VecDeque<(i32, BatchRecord)>,
+    /// A record taken off the consumer whose decode has not completed (a
+    /// cancelled call left it): decoded first by the next call.
+    fetched: Option<Fetched>,
 }
 
 impl std::fmt::Debug for PartitionedConsumer {
@@ -184,7 +201,7 @@ impl PartitionedConsumer {
             topic: topic.to_string(),
             warm: HashSet::new(),
             pending: VecDeque::new(),
-            pending_partitions: VecDeque::new(),
+            fetched: None,
         })
     }
 
@@ -225,89 +242,99 @@ impl PartitionedConsumer {
     }
 
     fn drop_pending(&mut self, partition: i32) {
-        let keep: Vec<(i32, BatchRecord)> = self
-            .pending_partitions
-            .drain(..)
-            .zip(self.pending.drain(..))
-            .filter(|(p, _)| *p != partition)
-            .collect();
-        for (p, r) in keep {
-            self.pending_partitions.push_back(p);
-            self.pending.push_back(r);
+        self.pending.retain(|(p, _)| *p != partition);
+        if self
+            .fetched
+            .as_ref()
+            .is_some_and(|f| f.partition == partition)
+        {
+            self.fetched = None;
         }
     }
 
-    async fn recv(&self, wait: Duration) -> Result<Option<(i32, BatchRecord)>, LogError> {
-        let msg = match tokio::time::timeout(wait, self.consumer.recv()).await {
-            Ok(m) => m?,
-            Err(_) => return Ok(None),
+    /// Takes the next record off the consumer (waiting at most `wait`),
+    /// decodes it and queues it in `pending`. False when nothing arrived.
+    ///
+    /// Cancel-safe: the wait owns nothing; a fetched record is kept in
+    /// `self.fetched` until its decode completed and it is queued (no await in
+    /// between), so dropping this future never loses a record.
+    async fn fill(&mut self, wait: Duration) -> Result<bool, LogError> {
+        if self.fetched.is_none() {
+            let msg = match tokio::time::timeout(wait, self.consumer.recv()).await {
+                Ok(m) => m?,
+                Err(_) => return Ok(false),
+            };
+            self.fetched = Some(Fetched::of(&msg));
+        }
+        let Some(f) = self.fetched.as_ref() else {
+            return Ok(false);
         };
-        let f = Fetched::of(&msg);
-        drop(msg);
-        let record = match decode_fetched(&self.registry, &f, None).await {
+        let record = match decode_fetched(&self.registry, f, None).await {
             Decoded::Event(e) => BatchRecord::Event(e),
             Decoded::Undecodable(error) => BatchRecord::Undecodable {
                 offset: f.offset,
-                key: f.key,
-                payload: f.payload,
+                key: f.key.clone(),
+                payload: f.payload.clone(),
                 error,
             },
             // Only a decode given a shutdown token stops.
-            Decoded::Stopped => return Ok(None),
+            Decoded::Stopped => return Ok(false),
         };
-        Ok(Some((f.partition, record)))
+        let partition = f.partition;
+        self.fetched = None;
+        self.pending.push_back((partition, record));
+        Ok(true)
+    }
+
+    fn pending_of(&self, partition: i32) -> usize {
+        self.pending.iter().filter(|(p, _)| *p == partition).count()
     }
 
     /// The next batch: records of one partition, up to `max`, collected for at
     /// most `linger` after the first one arrived. None when shutdown fired.
+    ///
+    /// Cancel-safe: records fetched and not yet handed out stay in this
+    /// consumer (see `fill`), so a caller may drop the future
+    /// (a `select!` with another branch) and call again without a gap.
     pub async fn next_batch(
         &mut self,
         max: usize,
         linger: Duration,
         shutdown: &CancellationToken,
     ) -> Result<Option<Batch>, LogError> {
+        let max = max.max(1);
         self.forget_revoked();
         // Start with read-ahead records, else wait for one.
-        let (partition, first) = match self.pending_partitions.pop_front() {
-            Some(p) => (p, self.pending.pop_front()),
-            None => loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(None),
-                    r = self.recv(Duration::from_millis(500)) => {
-                        self.forget_revoked();
-                        if let Some((p, rec)) = r? { break (p, Some(rec)); }
-                    }
+        while self.pending.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                r = self.fill(Duration::from_millis(500)) => {
+                    r?;
+                    self.forget_revoked();
                 }
-            },
-        };
-        let mut records: Vec<BatchRecord> = first.into_iter().collect();
-        // Take queued records of the same partition first.
-        let mut i = 0;
-        while i < self.pending_partitions.len() && records.len() < max {
-            if self.pending_partitions[i] == partition {
-                self.pending_partitions.remove(i);
-                if let Some(r) = self.pending.remove(i) {
-                    records.push(r);
-                }
-            } else {
-                i += 1;
             }
         }
+        let Some(&(partition, _)) = self.pending.front() else {
+            return Ok(None);
+        };
         let deadline = tokio::time::Instant::now() + linger;
-        while records.len() < max {
+        while self.pending_of(partition) < max {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || !self.fill(left).await? {
                 break;
             }
-            match self.recv(left).await? {
-                Some((p, r)) if p == partition => records.push(r),
-                Some((p, r)) => {
-                    self.pending_partitions.push_back(p);
-                    self.pending.push_back(r);
-                }
-                None => break,
+        }
+        // No await from here on: the batch leaves `pending` whole.
+        let mut records = Vec::new();
+        let mut rest = VecDeque::with_capacity(self.pending.len());
+        for (p, r) in self.pending.drain(..) {
+            if p == partition && records.len() < max {
+                records.push(r);
+            } else {
+                rest.push_back((p, r));
             }
         }
+        self.pending = rest;
         let fresh = self.warm.insert(partition);
         Ok(Some(Batch {
             partition,

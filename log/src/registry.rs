@@ -223,10 +223,31 @@ impl SchemaRegistry {
 
     /// Decodes a Confluent-framed record with the writer schema named by its
     /// id. Returns the schema id and the raw Avro value.
+    ///
+    /// [`DecodeFailure::Permanent`] only when the record is at fault: not
+    /// framed, a schema id the registry says it does not have (404), a schema
+    /// that does not parse, or a datum that does not match its schema. A
+    /// registry that cannot answer properly (no connection, a timeout, a
+    /// 5xx, 408 or 429, a body cut short) is [`DecodeFailure::Transient`]:
+    /// the caller retries, it must not drop or dead-letter the record.
     pub async fn decode_value(&self, bytes: &[u8]) -> Result<(u32, Value), DecodeFailure> {
         let id = schema_id(bytes).ok_or(DecodeFailure::Permanent(
             "not in Confluent wire format (magic byte 0 + schema id)".into(),
         ))?;
+        // Look the writer schema up first, so that a failure of the registry
+        // is not taken for a failure of the record.
+        if let Err(e) = self.decoder.get_schema(id).await {
+            if registry_side(&e) {
+                // schema_registry_converter caches errors it deems permanent
+                // (any status but 502/503, a body it could not read): forget
+                // them, or every later record with this id would fail too.
+                if !e.retriable {
+                    self.decoder.remove_errors_from_cache();
+                }
+                return Err(DecodeFailure::Transient(self.unreachable(e)));
+            }
+            return Err(DecodeFailure::Permanent(e.to_string()));
+        }
         match self.decoder.decode(Some(bytes)).await {
             Ok(r) => Ok((id, r.value)),
             Err(e) if e.retriable => Err(DecodeFailure::Transient(self.unreachable(e))),
@@ -252,6 +273,26 @@ pub enum DecodeFailure {
     Permanent(String),
 }
 
+/// Whether a failed schema lookup is the registry's failure (retry) rather
+/// than an answer about the record (no such schema id, a schema that does
+/// not parse).
+fn registry_side(e: &SRCError) -> bool {
+    if e.retriable {
+        return true;
+    }
+    // "HTTP request to schema registry failed with status 500 Internal Server Error"
+    if let Some((_, rest)) = e.error.split_once("failed with status ") {
+        let code: u16 = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0);
+        return code >= 500 || code == 408 || code == 429;
+    }
+    // A success status whose body could not be read (cut short, timed out).
+    e.error.contains("could not parse to RawRegisteredSchema")
+}
+
 /// The schema id of a Confluent-framed record.
 pub fn schema_id(bytes: &[u8]) -> Option<u32> {
     match bytes {
@@ -269,5 +310,36 @@ mod tests {
         assert_eq!(schema_id(&[0, 0, 0, 1, 2, 9, 9]), Some(258));
         assert_eq!(schema_id(&[1, 0, 0, 0, 1]), None);
         assert_eq!(schema_id(&[0, 0, 0]), None);
+    }
+
+    #[test]
+    fn registry_failures_are_retried_and_answers_about_the_record_are_not() {
+        let status = |s: &str| {
+            SRCError::new(
+                &format!("HTTP request to schema registry failed with status {s}"),
+                None,
+                false,
+            )
+        };
+        assert!(registry_side(&status("500 Internal Server Error")));
+        assert!(registry_side(&status("504 Gateway Timeout")));
+        assert!(registry_side(&status("429 Too Many Requests")));
+        assert!(!registry_side(&status("404 Not Found")));
+        assert!(!registry_side(&status("401 Unauthorized")));
+        assert!(registry_side(&SRCError::new(
+            "http call failed",
+            None,
+            true
+        )));
+        assert!(registry_side(&SRCError::new(
+            "could not parse to RawRegisteredSchema",
+            None,
+            false
+        )));
+        assert!(!registry_side(&SRCError::new(
+            "Could not parse schema",
+            None,
+            false
+        )));
     }
 }

@@ -5,11 +5,26 @@
 //!
 //! Nothing is committed: the caller decides where to start each time.
 //! Reads only committed transactional data (`isolation.level=read_committed`).
+//!
+//! **A record fetched is never dropped.** Once a record is taken off the
+//! Kafka consumer, its position is past it: losing it there loses it for
+//! good (a fold built from the partition silently misses it). So:
+//! - [`TopicTail::read_until`] puts its poll timeout around the wait for a
+//!   message only; the decode of a fetched record (which may wait on the
+//!   registry: a cold schema cache, a registry restart, load) always runs to
+//!   the end, and a registry that cannot be asked is retried, never turned
+//!   into an undecodable record;
+//! - [`TopicTail::next`] is cancel-safe: when its future is dropped (a
+//!   `select!`, a `timeout`) while a fetched record is being decoded, the
+//!   record is kept and the next call returns it first;
+//! - a record at or past the end given to `read_until` (another partition
+//!   may still be catching up) is kept, undecoded, for the next `next` or
+//!   `read_until`, not thrown away.
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::consumer::{decode_fetched, Decoded, Fetched};
@@ -46,6 +61,9 @@ pub struct TopicTail {
     topic: String,
     partitions: Vec<i32>,
     config: LogConfig,
+    /// Records taken off the consumer but not handed out yet, in the order
+    /// they were fetched: handed out before anything new is fetched.
+    held: Mutex<VecDeque<Fetched>>,
 }
 
 impl std::fmt::Debug for TopicTail {
@@ -96,6 +114,7 @@ impl TopicTail {
             topic: topic.to_string(),
             partitions,
             config: config.clone(),
+            held: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -104,11 +123,46 @@ impl TopicTail {
     }
 
     /// The next record (waits for one).
+    ///
+    /// Cancel-safe: if the returned future is dropped while a fetched record
+    /// is being decoded, the record is kept and the next call returns it.
     pub async fn next(&self) -> Result<TailItem, LogError> {
+        let f = match self.take_held() {
+            Some(f) => f,
+            None => self.fetch().await?,
+        };
+        self.decode(f).await
+    }
+
+    /// Waits for the next record off the consumer. Cancelling the wait loses
+    /// nothing: the message is owned (and the position moves) only when
+    /// `recv` returns, and nothing awaits between that and the return.
+    async fn fetch(&self) -> Result<Fetched, LogError> {
         let msg = self.consumer.recv().await?;
-        let f = Fetched::of(&msg);
-        drop(msg);
-        Ok(match decode_fetched(&self.registry, &f, None).await {
+        Ok(Fetched::of(&msg))
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, VecDeque<Fetched>> {
+        // Only push and pop under the lock: a poisoned queue is still whole.
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_held(&self) -> Option<Fetched> {
+        self.held().pop_front()
+    }
+
+    /// Decodes `f` to the end, retrying while the registry cannot be asked.
+    /// Until the decode finished, `f` is parked in a guard that gives it back
+    /// to the front of the held queue if this future is dropped.
+    async fn decode(&self, f: Fetched) -> Result<TailItem, LogError> {
+        let mut parked = Parked {
+            slot: &self.held,
+            record: f,
+            released: false,
+        };
+        let decoded = decode_fetched(&self.registry, &parked.record, None).await;
+        let f = parked.release();
+        Ok(match decoded {
             Decoded::Event(e) => TailItem::Event(e),
             Decoded::Undecodable(error) => TailItem::Undecodable {
                 partition: f.partition,
@@ -163,30 +217,77 @@ impl TopicTail {
     }
 
     /// Reads records and hands them to `f` until every assigned partition's
-    /// position reached `ends` (records at or past an end are not handed out).
+    /// position reached `ends` (records at or past an end are not handed out
+    /// here; they are kept for the next [`next`](Self::next) or `read_until`).
+    ///
+    /// Every record before the ends is handed out exactly once, in partition
+    /// order: the poll timeout (which lets the loop see a position moved by
+    /// control records alone) cancels only the wait for a message, never the
+    /// decode of one already fetched.
     pub async fn read_until(
         &self,
         ends: &HashMap<i32, i64>,
         mut f: impl FnMut(TailItem),
     ) -> Result<(), LogError> {
+        let before_end =
+            |r: &Fetched| r.offset < ends.get(&r.partition).copied().unwrap_or(i64::MAX);
+        // Records held from an earlier call come before anything fetched now
+        // (taken one at a time, so a cancelled call loses none of them).
+        loop {
+            let earlier = {
+                let mut held = self.held();
+                held.iter()
+                    .position(before_end)
+                    .and_then(|i| held.remove(i))
+            };
+            match earlier {
+                Some(r) => f(self.decode(r).await?),
+                None => break,
+            }
+        }
         while !self.reached(ends)? {
-            match tokio::time::timeout(Duration::from_millis(200), self.next()).await {
-                Ok(item) => {
-                    let item = item?;
-                    let (p, o) = match &item {
-                        TailItem::Event(e) => (e.partition, e.offset),
-                        TailItem::Undecodable {
-                            partition, offset, ..
-                        } => (*partition, *offset),
-                    };
-                    if o < ends.get(&p).copied().unwrap_or(i64::MAX) {
-                        f(item);
-                    }
-                }
+            let r = match tokio::time::timeout(POLL, self.fetch()).await {
+                Ok(r) => r?,
                 Err(_) => continue,
+            };
+            if before_end(&r) {
+                f(self.decode(r).await?);
+            } else {
+                self.held().push_back(r);
             }
         }
         Ok(())
+    }
+}
+
+/// How long [`TopicTail::read_until`] waits for a message before it checks
+/// the positions again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// A fetched record being decoded: given back to the front of the tail's
+/// held queue when dropped before [`Parked::release`] (the decode completed).
+struct Parked<'a> {
+    slot: &'a Mutex<VecDeque<Fetched>>,
+    record: Fetched,
+    released: bool,
+}
+
+impl Parked<'_> {
+    fn release(&mut self) -> Fetched {
+        self.released = true;
+        std::mem::take(&mut self.record)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        if !self.released {
+            let f = std::mem::take(&mut self.record);
+            self.slot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_front(f);
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use chat_log::{
 use chat_runtime::telemetry::LogFormat;
 use chat_runtime::{now_ms, Health, Shutdown};
 use chat_schemas::{Body, Envelope, SessionRouted};
-use chat_sequencer::state::PartitionState;
+use chat_sequencer::state::{FoldError, PartitionState, RebuildError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -181,38 +181,57 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         let p = batch.partition;
         let known = lock(&members).contains_key(&p);
         if batch.fresh || !known {
-            let state = rebuild(
+            let rebuilt = rebuild(
                 &config.log,
                 registry.clone(),
                 &topics.events,
                 p,
                 batch.first_offset(),
             )
-            .await?;
-            lock(&members).insert(p, state);
-            // After a failed batch (rewound), p is routed again from here.
-            if let Ok(mut s) = sessions.lock() {
-                s.routed(p, batch.first_offset());
+            .await;
+            match rebuilt {
+                Ok(state) => {
+                    lock(&members).insert(p, state);
+                    // After a failed batch (rewound), p is routed again from here.
+                    if let Ok(mut s) = sessions.lock() {
+                        s.routed(p, batch.first_offset());
+                    }
+                    reannounce(&sessions, &producer, &topics, config.log.chat_partitions);
+                }
+                Err(e) => {
+                    // A fold refused (logged at error level): route nothing of
+                    // the partition from a wrong membership; read it again.
+                    if e.downcast_ref::<RebuildError>().is_none() {
+                        return Err(e);
+                    }
+                    unroute(&members, &sessions, p);
+                    consumer.rewind(p, batch.first_offset()).await?;
+                    tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
+                    continue;
+                }
             }
-            reannounce(&sessions, &producer, &topics, config.log.chat_partitions);
         }
         let mut out = Vec::new();
+        let mut refused = None;
         {
             let mut guard = lock(&members);
             let Some(state) = guard.get_mut(&p) else {
                 continue;
             };
             for rec in &batch.records {
-                let BatchRecord::Event(ev) = rec else {
-                    tracing::warn!(
-                        partition = p,
-                        offset = rec.offset(),
-                        "undecodable event skipped"
-                    );
-                    continue;
+                let ev = match rec {
+                    BatchRecord::Event(ev) => ev,
+                    BatchRecord::Undecodable { offset, error, .. } => {
+                        refused = Some(RebuildError::Undecodable {
+                            partition: p,
+                            offset: *offset,
+                            error: error.clone(),
+                        });
+                        break;
+                    }
                 };
                 metrics.events.inc();
-                route(
+                let routed = route(
                     &ev.envelope,
                     state,
                     &sessions,
@@ -222,7 +241,25 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
                     config.log.chat_partitions,
                     &mut out,
                 );
+                if let Err(source) = routed {
+                    refused = Some(RebuildError::Fold {
+                        partition: p,
+                        offset: ev.offset,
+                        source,
+                    });
+                    break;
+                }
             }
+        }
+        if let Some(e) = refused {
+            // The membership fold cannot take the partition's next event:
+            // send nothing of the batch, rebuild from the log (which fails
+            // the same way, loudly, until the log is repaired).
+            e.log("router");
+            unroute(&members, &sessions, p);
+            consumer.rewind(p, batch.first_offset()).await?;
+            tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
+            continue;
         }
         let n = out.len() as u64;
         let sent = producer.send_batch(out).await;
@@ -233,10 +270,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             }
             Err(e) => {
                 tracing::warn!(partition = p, error = %e, "routing failed; retrying the batch");
-                lock(&members).remove(&p);
-                if let Ok(mut s) = sessions.lock() {
-                    s.forget_partition(p);
-                }
+                unroute(&members, &sessions, p);
                 consumer.rewind(p, batch.first_offset()).await?;
             }
         }
@@ -247,6 +281,18 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
     producer.flush(Duration::from_secs(5)).await.ok();
     admin.await.ok();
     Ok(())
+}
+
+/// How long a partition whose membership could not be folded waits before
+/// the next attempt (every attempt reads the partition from the start).
+const REBUILD_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Forgets partition `p`'s membership and routing position (before a rewind).
+fn unroute(members: &Members, sessions: &Mutex<Sessions>, p: i32) {
+    lock(members).remove(&p);
+    if let Ok(mut s) = sessions.lock() {
+        s.forget_partition(p);
+    }
 }
 
 /// Membership of the `chat.events` partitions this instance owns.
@@ -343,9 +389,11 @@ fn route(
     topics: &Topics,
     partitions: i32,
     out: &mut Vec<Outgoing>,
-) {
-    let Some(chat) = ev.chat_id else { return };
-    state.apply(ev);
+) -> Result<(), FoldError> {
+    let Some(chat) = ev.chat_id else {
+        return Ok(());
+    };
+    state.apply(ev)?;
     let mut recipients: BTreeSet<String> = state
         .chat(&chat)
         .map(|c| c.members.keys().cloned().collect())
@@ -359,7 +407,9 @@ fn route(
     }
     let span = tracing::debug_span!("route", %chat, seq = ?ev.seq, trace_id = %ev.trace_id);
     let _g = span.enter();
-    let Ok(mut s) = sessions.lock() else { return };
+    let Ok(mut s) = sessions.lock() else {
+        return Ok(());
+    };
     let targets = s.gateways_of(&recipients);
     s.routed(partition, offset + 1);
     drop(s);
@@ -378,9 +428,12 @@ fn route(
             ],
         });
     }
+    Ok(())
 }
 
 /// Membership of the chats of partition `p` as of offset `until` (exclusive).
+/// Fails (logged at error level) when the partition does not fold: a seq
+/// that is not its chat's last + 1, or an event that cannot be decoded.
 async fn rebuild(
     config: &LogConfig,
     registry: Arc<SchemaRegistry>,
@@ -397,12 +450,39 @@ async fn rebuild(
     )
     .await?;
     let mut state = PartitionState::default();
+    let mut failed: Option<RebuildError> = None;
     tail.read_until(&HashMap::from([(p, until)]), |item| {
-        if let TailItem::Event(ev) = item {
-            state.apply(&ev.envelope);
+        if failed.is_some() {
+            return;
+        }
+        match item {
+            TailItem::Event(ev) => {
+                if let Err(source) = state.apply(&ev.envelope) {
+                    failed = Some(RebuildError::Fold {
+                        partition: ev.partition,
+                        offset: ev.offset,
+                        source,
+                    });
+                }
+            }
+            TailItem::Undecodable {
+                partition,
+                offset,
+                error,
+            } => {
+                failed = Some(RebuildError::Undecodable {
+                    partition,
+                    offset,
+                    error,
+                })
+            }
         }
     })
     .await?;
+    if let Some(e) = failed {
+        e.log("router");
+        return Err(e.into());
+    }
     Ok(state)
 }
 

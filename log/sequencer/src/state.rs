@@ -8,6 +8,14 @@
 //!
 //! The delivery router folds the same events with [`PartitionState::apply`]
 //! to know each chat's members at each seq.
+//!
+//! The fold refuses what cannot be a gap-free log: an event whose `seq` is
+//! not its chat's `last_seq + 1` (a `ChatCreated` of a new chat is seq 1;
+//! receipts and mute changes carry no seq and are exempt). A refused event
+//! leaves the state unchanged and returns a [`FoldError`]; a rebuild that
+//! gets one must stop, not go on: a state with a `last_seq` too low would
+//! hand out a seq that exists (the history row overwritten, clients
+//! dropping the new message as a repeat).
 
 use chat_schemas::{
     direct_chat_id, Body, ChatCreated, ChatKind, ChatMember, CommandOutcome, Envelope,
@@ -68,6 +76,115 @@ pub struct PartitionState {
     dedupe: HashMap<DedupeKey, (u64, Uuid)>,
 }
 
+/// Why [`PartitionState::apply`] refused an event: the events folded so far
+/// are not the chat's gap-free log (a record was skipped or repeated).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FoldError {
+    /// The event's seq is not the chat's last seq + 1.
+    #[error("chat {chat}: expected seq {expected}, found {found} ({kind})")]
+    SeqGap {
+        chat: Uuid,
+        expected: u64,
+        found: u64,
+        kind: &'static str,
+    },
+    /// The chat's first event (seq 1) is not its `ChatCreated`.
+    #[error("chat {chat}: its first event is {kind}, not ChatCreated")]
+    NotCreated { chat: Uuid, kind: &'static str },
+    /// A second `ChatCreated` for a chat that exists.
+    #[error("chat {chat}: ChatCreated with seq {found} for a chat whose last seq is {last_seq}")]
+    CreatedTwice {
+        chat: Uuid,
+        found: u64,
+        last_seq: u64,
+    },
+}
+
+impl FoldError {
+    pub fn chat(&self) -> Uuid {
+        match self {
+            FoldError::SeqGap { chat, .. }
+            | FoldError::NotCreated { chat, .. }
+            | FoldError::CreatedTwice { chat, .. } => *chat,
+        }
+    }
+
+    /// The seq the chat's next event must have (1 for a chat not created).
+    pub fn expected(&self) -> u64 {
+        match self {
+            FoldError::SeqGap { expected, .. } => *expected,
+            FoldError::NotCreated { .. } => 1,
+            FoldError::CreatedTwice { last_seq, .. } => last_seq + 1,
+        }
+    }
+
+    /// The seq the refused event carries.
+    pub fn found(&self) -> u64 {
+        match self {
+            FoldError::SeqGap { found, .. } | FoldError::CreatedTwice { found, .. } => *found,
+            FoldError::NotCreated { .. } => 1,
+        }
+    }
+}
+
+/// Why a rebuild of a partition's fold stopped: the partition of
+/// `chat.events` does not read as a gap-free log. Going on would leave a
+/// state that hands out seqs that exist, so the rebuild fails and its caller
+/// retries (rewind, rebuild) and stays failed until the log is repaired.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RebuildError {
+    #[error("chat.events[{partition}]@{offset}: {source}")]
+    Fold {
+        partition: i32,
+        offset: i64,
+        #[source]
+        source: FoldError,
+    },
+    /// A record of the partition cannot be decoded (the registry answered:
+    /// it is not a failure to reach it), so what it did to its chat is
+    /// unknown.
+    #[error("chat.events[{partition}]@{offset} cannot be decoded: {error}")]
+    Undecodable {
+        partition: i32,
+        offset: i64,
+        error: String,
+    },
+}
+
+impl RebuildError {
+    /// Logs the failure at error level with the chat, the expected and found
+    /// seq, the partition and the offset.
+    pub fn log(&self, who: &str) {
+        match self {
+            RebuildError::Fold {
+                partition,
+                offset,
+                source,
+            } => tracing::error!(
+                who,
+                chat = %source.chat(),
+                expected_seq = source.expected(),
+                found_seq = source.found(),
+                partition,
+                offset,
+                error = %source,
+                "chat.events is not a gap-free log here: the partition's state is not rebuilt and the partition waits"
+            ),
+            RebuildError::Undecodable {
+                partition,
+                offset,
+                error,
+            } => tracing::error!(
+                who,
+                partition,
+                offset,
+                %error,
+                "an event of chat.events cannot be decoded: the partition's state is not rebuilt and the partition waits"
+            ),
+        }
+    }
+}
+
 /// What to do with a command.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -117,8 +234,15 @@ impl PartitionState {
     /// Folds one event of `chat.events` into the state: a sequenced event,
     /// or a receipt (receipts are ordered in the partition but take no seq,
     /// so unread counts are `last_seq - read pointer`).
-    pub fn apply(&mut self, ev: &Envelope) {
-        let Some(chat) = ev.chat_id else { return };
+    ///
+    /// Refuses (and leaves the state as it was) an event whose seq is not
+    /// its chat's `last_seq + 1`, a first event that is not a `ChatCreated`
+    /// with seq 1, and a `ChatCreated` of a chat that exists. Events without
+    /// a chat or a seq (receipts, mute changes) are never refused.
+    pub fn apply(&mut self, ev: &Envelope) -> Result<(), FoldError> {
+        let Some(chat) = ev.chat_id else {
+            return Ok(());
+        };
         if let Some((device, up_to)) = ev.body.receipt() {
             if let Some(state) = self.chats.get_mut(&chat) {
                 let pointer = match device {
@@ -130,9 +254,10 @@ impl PartitionState {
                 };
                 *pointer = (*pointer).max(up_to);
             }
-            return;
+            return Ok(());
         }
-        let Some(seq) = ev.seq else { return };
+        let Some(seq) = ev.seq else { return Ok(()) };
+        self.check(chat, seq, &ev.body)?;
         if let Some(key) = dedupe_key(ev) {
             self.dedupe.insert(key, (seq, ev.event_id));
         }
@@ -151,9 +276,9 @@ impl PartitionState {
             });
         }
         let Some(state) = self.chats.get_mut(&chat) else {
-            return;
+            return Ok(());
         };
-        state.last_seq = state.last_seq.max(seq);
+        state.last_seq = seq;
         match &ev.body {
             Body::MessageSent(_) | Body::ChatCreated(_) => {
                 // What you send (or create) you have read.
@@ -173,6 +298,38 @@ impl PartitionState {
             }
             _ => {}
         }
+        Ok(())
+    }
+
+    /// Whether an event with `seq` and `body` may follow what the state holds
+    /// of `chat`.
+    fn check(&self, chat: Uuid, seq: u64, body: &Body) -> Result<(), FoldError> {
+        let created = matches!(body, Body::ChatCreated(_));
+        match self.chats.get(&chat) {
+            Some(state) if created => Err(FoldError::CreatedTwice {
+                chat,
+                found: seq,
+                last_seq: state.last_seq,
+            }),
+            Some(state) if seq != state.last_seq + 1 => Err(FoldError::SeqGap {
+                chat,
+                expected: state.last_seq + 1,
+                found: seq,
+                kind: body.kind(),
+            }),
+            Some(_) => Ok(()),
+            None if seq != 1 => Err(FoldError::SeqGap {
+                chat,
+                expected: 1,
+                found: seq,
+                kind: body.kind(),
+            }),
+            None if !created => Err(FoldError::NotCreated {
+                chat,
+                kind: body.kind(),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Decides what to do with `cmd`; when it is appended, the state already
@@ -180,7 +337,11 @@ impl PartitionState {
     pub fn sequence(&mut self, cmd: &Envelope, limits: &Limits, now_ms: i64) -> Decision {
         let decision = self.decide(cmd, limits, now_ms);
         if let Decision::Append(ev) = &decision {
-            self.apply(ev);
+            // `decide` appends the chat's last seq + 1 (1 for a new chat), so
+            // the fold takes it; if they ever disagreed, nothing is appended.
+            if let Err(e) = self.apply(ev) {
+                return reject("internal", format!("the fold refused the event: {e}"));
+            }
         }
         decision
     }
@@ -664,7 +825,7 @@ mod tests {
             }
         }
         let mut rebuilt = PartitionState::default();
-        log.iter().for_each(|e| rebuilt.apply(e));
+        log.iter().for_each(|e| rebuilt.apply(e).unwrap());
         let next = cmd(a, "v", "m3", text("z"));
         assert_eq!(
             seq_of(&rebuilt.decide(&next, &l, 1)),
@@ -845,6 +1006,208 @@ mod tests {
                 proptest::prop_assert_eq!(chat.read_of("b"), model_read);
                 proptest::prop_assert_eq!(chat.last_seq, last);
             }
+        }
+    }
+
+    /// A partition's log as the sequencer appends it: a group, messages by
+    /// its members, a read receipt and a mute change (no seq).
+    fn appended_log(c: Uuid) -> Vec<Envelope> {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let mut log = Vec::new();
+        let mute = Body::MuteChanged(chat_schemas::MuteChanged { muted: true });
+        for cmd in [
+            cmd(c, "a", "g", group(&["b"])),
+            cmd(c, "a", "m1", text("x")),
+            cmd(c, "b", "m2", text("y")),
+            receipt(c, "a", "p", 3, true),
+            cmd(c, "b", "mute", mute),
+            cmd(c, "a", "m3", text("z")),
+        ] {
+            match s.sequence(&cmd, &l, 1) {
+                Decision::Append(e) => log.push(*e),
+                other => panic!("{other:?}"),
+            }
+        }
+        log
+    }
+
+    #[test]
+    fn the_fold_takes_the_appended_log_and_refuses_a_skipped_or_repeated_seq() {
+        let c = Uuid::new_v4();
+        let log = appended_log(c);
+        let seqs: Vec<Option<u64>> = log.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, [Some(1), Some(2), Some(3), None, None, Some(4)]);
+        let mut whole = PartitionState::default();
+        for e in &log {
+            whole.apply(e).unwrap();
+        }
+        assert_eq!(whole.chat(&c).unwrap().last_seq, 4);
+
+        // seq 2 skipped (a record lost by a rebuild): seq 3 is refused and
+        // the state stays as it was.
+        let mut s = PartitionState::default();
+        s.apply(&log[0]).unwrap();
+        let before = s.chat(&c).cloned();
+        let err = s.apply(&log[2]).unwrap_err();
+        assert_eq!(
+            err,
+            FoldError::SeqGap {
+                chat: c,
+                expected: 2,
+                found: 3,
+                kind: "MessageSent"
+            }
+        );
+        assert_eq!((err.chat(), err.expected(), err.found()), (c, 2, 3));
+        assert_eq!(
+            s.chat(&c).cloned(),
+            before,
+            "a refused event changes nothing"
+        );
+        assert!(
+            !matches!(
+                s.decide(&cmd(c, "b", "m2", text("y")), &Limits::default(), 1),
+                Decision::Duplicate { .. }
+            ),
+            "a refused event is not remembered for dedupe"
+        );
+
+        // The same event twice.
+        s.apply(&log[1]).unwrap();
+        assert_eq!(
+            s.apply(&log[1]).unwrap_err(),
+            FoldError::SeqGap {
+                chat: c,
+                expected: 3,
+                found: 2,
+                kind: "MessageSent"
+            }
+        );
+
+        // A second ChatCreated, even with the next seq.
+        let mut again = log[0].clone();
+        again.seq = Some(3);
+        assert_eq!(
+            s.apply(&again).unwrap_err(),
+            FoldError::CreatedTwice {
+                chat: c,
+                found: 3,
+                last_seq: 2
+            }
+        );
+
+        // A chat whose ChatCreated was skipped.
+        let mut fresh = PartitionState::default();
+        assert_eq!(
+            fresh.apply(&log[1]).unwrap_err(),
+            FoldError::SeqGap {
+                chat: c,
+                expected: 1,
+                found: 2,
+                kind: "MessageSent"
+            }
+        );
+        let mut first = log[1].clone();
+        first.seq = Some(1);
+        let err = fresh.apply(&first).unwrap_err();
+        assert_eq!(
+            err,
+            FoldError::NotCreated {
+                chat: c,
+                kind: "MessageSent"
+            }
+        );
+        assert_eq!((err.expected(), err.found()), (1, 1));
+        assert_eq!(fresh.chats(), 0);
+
+        // Receipts and mute changes carry no seq: never refused, even for a
+        // chat the state does not know.
+        fresh.apply(&log[3]).unwrap();
+        fresh.apply(&log[4]).unwrap();
+        assert_eq!(fresh.chats(), 0);
+    }
+
+    /// Sequences random commands over a few chats (messages, retries,
+    /// receipts), returning the appended log and the sequencer's state.
+    fn random_log(
+        chats: &[Uuid],
+        ops: &[(usize, usize, u8, bool)],
+    ) -> (Vec<Envelope>, PartitionState) {
+        let (mut s, l) = (PartitionState::default(), Limits::default());
+        let users = ["a", "b", "c"];
+        let mut log = Vec::new();
+        let mut cmds: Vec<Envelope> = chats
+            .iter()
+            .map(|c| cmd(*c, "a", "create", group(&["b", "c"])))
+            .collect();
+        for (i, (ci, ui, mid, is_receipt)) in ops.iter().enumerate() {
+            let c = chats[*ci % chats.len()];
+            cmds.push(if *is_receipt {
+                let mut r = receipt(c, users[*ui % 3], "p", u64::from(*mid) + 1, true);
+                r.client_msg_id = Some(format!("r{i}"));
+                r
+            } else {
+                cmd(c, users[*ui % 3], &format!("m{mid}"), text("x"))
+            });
+        }
+        for c in &cmds {
+            if let Decision::Append(e) = s.sequence(c, &l, 1) {
+                log.push(*e);
+            }
+        }
+        (log, s)
+    }
+
+    fn fold(log: &[Envelope]) -> Result<PartitionState, (usize, FoldError)> {
+        let mut s = PartitionState::default();
+        for (i, e) in log.iter().enumerate() {
+            s.apply(e).map_err(|err| (i, err))?;
+        }
+        Ok(s)
+    }
+
+    proptest::proptest! {
+        /// The log the sequencer appends always folds back into its own
+        /// state; a log with one seq-carrying event skipped is refused
+        /// exactly when a later event of the same chat carries a seq (at
+        /// that event, naming the skipped seq as the expected one); a log
+        /// with one event repeated is always refused at the repeat.
+        #[test]
+        fn a_rebuild_refuses_a_skipped_or_repeated_event(
+            ops in proptest::collection::vec((0usize..3, 0usize..3, 0u8..12, proptest::bool::ANY), 0..80),
+            pick in 0usize..1000,
+        ) {
+            let chats: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+            let (log, live) = random_log(&chats, &ops);
+            let whole = fold(&log).map_err(|(i, e)| proptest::test_runner::TestCaseError::fail(format!("{i}: {e}")))?;
+            for c in &chats {
+                proptest::prop_assert_eq!(whole.chat(c), live.chat(c));
+            }
+
+            let sequenced: Vec<usize> = (0..log.len()).filter(|i| log[*i].seq.is_some()).collect();
+            let i = sequenced[pick % sequenced.len()];
+            let (chat, seq) = (log[i].chat_id.unwrap(), log[i].seq.unwrap());
+            let later = log[i + 1..].iter().position(|e| e.chat_id == Some(chat) && e.seq.is_some());
+            let mut skipped = log.clone();
+            skipped.remove(i);
+            match (fold(&skipped), later) {
+                (Ok(_), None) => {}
+                (Err((at, err)), Some(k)) => {
+                    proptest::prop_assert_eq!(at, i + k, "refused at the chat's next sequenced event");
+                    proptest::prop_assert_eq!((err.chat(), err.expected(), err.found()), (chat, seq, seq + 1));
+                }
+                (other, later) => proptest::prop_assert!(false, "skipped {} (later {:?}): {:?}", i, later, other.map(|_| ())),
+            }
+
+            let mut repeated = log.clone();
+            repeated.insert(i + 1, log[i].clone());
+            let (at, err) = match fold(&repeated) {
+                Ok(_) => return Err(proptest::test_runner::TestCaseError::fail("a repeated event was taken")),
+                Err(x) => x,
+            };
+            proptest::prop_assert_eq!(at, i + 1);
+            proptest::prop_assert_eq!(err.chat(), chat);
+            proptest::prop_assert_eq!(err.found(), seq);
         }
     }
 }

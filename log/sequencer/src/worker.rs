@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use uuid::Uuid;
 
-use crate::state::{Decision, Limits, PartitionState};
+use crate::state::{Decision, Limits, PartitionState, RebuildError};
 
 /// The sequencer's config (`chat-sequencer --help` lists every key).
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -69,6 +69,7 @@ impl Default for SequencerConfig {
 struct Metrics {
     commands: Family<Vec<(String, String)>, Counter>,
     rebuilds: Counter,
+    failed_rebuilds: Counter,
     aborted: Counter,
     replays: Counter,
     commit_seconds: Histogram,
@@ -79,6 +80,7 @@ impl Default for Metrics {
         Self {
             commands: Family::default(),
             rebuilds: Counter::default(),
+            failed_rebuilds: Counter::default(),
             aborted: Counter::default(),
             replays: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
@@ -102,6 +104,11 @@ impl Metrics {
             "rebuilds",
             "Partition states rebuilt from chat.events",
             self.rebuilds.clone(),
+        );
+        r.register(
+            "failed_rebuilds",
+            "Partition rebuilds refused because chat.events is not a gap-free log there (logged at error level)",
+            self.failed_rebuilds.clone(),
         );
         r.register(
             "batch_commit_seconds",
@@ -229,14 +236,27 @@ async fn partition_task(
         match sequence_and_commit(&ctx, p, &mut owned, batch, group).await {
             Ok(()) => {}
             Err(e) => {
-                tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
-                ctx.metrics.aborted.inc();
+                if e.downcast_ref::<RebuildError>().is_some() {
+                    // Logged at error level by `rebuild`. Every retry reads the
+                    // whole partition again: pause first, dropping the batches
+                    // that queue meanwhile (the rewind reads them again).
+                    ctx.metrics.failed_rebuilds.inc();
+                    let pause = async { while rx.recv().await.is_some() {} };
+                    let _ = tokio::time::timeout(REBUILD_RETRY_PAUSE, pause).await;
+                } else {
+                    tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
+                    ctx.metrics.aborted.inc();
+                }
                 let _ = fail.send((p, first));
                 return;
             }
         }
     }
 }
+
+/// How long a partition whose state could not be rebuilt waits before the
+/// next attempt.
+const REBUILD_RETRY_PAUSE: Duration = Duration::from_secs(2);
 
 /// What a partition task holds while it owns its partition.
 struct Owned {
@@ -325,7 +345,9 @@ async fn sequence_and_commit(
     }
 }
 
-/// The fold of partition `p` of `chat.events` as committed now.
+/// The fold of partition `p` of `chat.events` as committed now. Fails
+/// (logged at error level) when the partition does not fold: a seq that is
+/// not its chat's last + 1, or an event that cannot be decoded.
 async fn rebuild(
     config: &LogConfig,
     registry: Arc<SchemaRegistry>,
@@ -342,13 +364,40 @@ async fn rebuild(
     .await?;
     let mut state = PartitionState::default();
     let mut newest = None;
+    let mut failed: Option<RebuildError> = None;
     tail.read_to_end(|item| {
-        if let TailItem::Event(ev) = item {
-            state.apply(&ev.envelope);
-            newest = Some(ev.offset);
+        if failed.is_some() {
+            return;
+        }
+        match item {
+            TailItem::Event(ev) => match state.apply(&ev.envelope) {
+                Ok(()) => newest = Some(ev.offset),
+                Err(source) => {
+                    failed = Some(RebuildError::Fold {
+                        partition: ev.partition,
+                        offset: ev.offset,
+                        source,
+                    })
+                }
+            },
+            TailItem::Undecodable {
+                partition,
+                offset,
+                error,
+            } => {
+                failed = Some(RebuildError::Undecodable {
+                    partition,
+                    offset,
+                    error,
+                })
+            }
         }
     })
     .await?;
+    if let Some(e) = failed {
+        e.log("sequencer");
+        return Err(e.into());
+    }
     Ok((state, newest))
 }
 
