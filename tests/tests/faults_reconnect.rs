@@ -99,6 +99,7 @@ async fn events_until(c: &mut Client, chat: &str, mut seqs: Vec<u64>, last: u64)
 }
 
 #[tokio::test]
+#[ignore = "fault suite: `make test-faults` runs it, alone (it loads the box for a minute)"]
 async fn a_reconnect_storm_through_two_routers_leaves_no_hole() {
     let devices: usize = std::env::var("CHAT_STORM_DEVICES")
         .ok()
@@ -111,7 +112,11 @@ async fn a_reconnect_storm_through_two_routers_leaves_no_hole() {
             Options {
                 gateways: 2,
                 workers: 2,
-                gateway_env: env(&[("CHAT_LIMITS__MAX_CONNECTIONS", "20000")]),
+                // The senders sit idle while thousands of devices sync.
+                gateway_env: env(&[
+                    ("CHAT_LIMITS__MAX_CONNECTIONS", "20000"),
+                    ("CHAT_TIMEOUTS__IDLE_MS", "600000"),
+                ]),
                 ..Options::default()
             },
         )
