@@ -174,9 +174,12 @@ async fn two_sequencers_assign_gap_free_seqs_dedupe_retries_and_refuse_non_membe
         retried[0].seq, retried[1].seq,
         "the retry is answered with the original seq"
     );
-    assert!(retried
-        .iter()
-        .any(|r| r.outcome == CommandOutcome::Duplicate));
+    assert!(
+        retried
+            .iter()
+            .any(|r| r.outcome == CommandOutcome::Duplicate),
+        "{retried:?}"
+    );
     let eve = find("eve", "e1");
     assert_eq!(eve.len(), 1);
     assert_eq!(eve[0].outcome, CommandOutcome::Rejected);
