@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV  := tests/py/.venv
 CARGO ?= cargo
 
-.PHONY: run test infra-up infra-down infra-status infra-fetch setup build py-deps lint bench clean
+.PHONY: run test infra-up infra-down infra-status infra-fetch cluster-up cluster-down cluster-status test-faults setup build py-deps lint bench clean
 
 ## run: start Kafka, Cassandra and the registry, create topics/schemas/tables, run the services
 run: infra-up build setup
@@ -31,6 +31,17 @@ infra-down:
 
 infra-status:
 	@infra/stack.sh status
+
+## cluster-up: a 3-node Kafka cluster (KRaft, replication 3, min ISR 2) beside the stack, brokers 19092/19094/19096
+cluster-up:
+	@infra/stack.sh cluster-up
+
+## cluster-down: stop exactly the cluster nodes cluster-up started
+cluster-down:
+	@infra/stack.sh cluster-down
+
+cluster-status:
+	@infra/stack.sh cluster-status
 
 build:
 	$(CARGO) build --locked --bins
