@@ -32,7 +32,7 @@ pub mod registry;
 pub mod tail;
 pub mod topics;
 
-pub use config::LogConfig;
+pub use config::{LogConfig, SecurityProtocol};
 pub use consumer::{read_raw, ConsumedEvent, EventConsumer, HandlerError, RawRecord};
 pub use error::LogError;
 pub use partitioned::{Batch, BatchRecord, OutRecord, PartitionedConsumer, TxnError, TxnProducer};

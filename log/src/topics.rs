@@ -33,6 +33,12 @@ pub struct TopicSpec {
     pub cleanup_policy: &'static str,
     /// `retention.ms`; -1 keeps records forever.
     pub retention_ms: i64,
+    /// Carries data a client or service was told is written (commands,
+    /// events, sessions, presence, results, push tasks, dead letters): created
+    /// with `min.insync.replicas` = [`LogConfig::min_insync_replicas`].
+    /// Others (`chat.ephemeral`, `chat.deliveries`, both re-derivable) get
+    /// the broker's default.
+    pub acknowledged: bool,
 }
 
 /// The names of the platform's topics, with the configured prefix applied.
@@ -70,22 +76,24 @@ impl Topics {
     /// Every topic with its creation settings.
     pub fn specs(&self) -> Vec<TopicSpec> {
         let chat = self.chat_partitions;
-        let spec = |name: &String, partitions, cleanup_policy, retention_ms| TopicSpec {
-            name: name.clone(),
-            partitions,
-            cleanup_policy,
-            retention_ms,
-        };
+        let spec =
+            |name: &String, partitions, cleanup_policy, retention_ms, acknowledged| TopicSpec {
+                name: name.clone(),
+                partitions,
+                cleanup_policy,
+                retention_ms,
+                acknowledged,
+            };
         vec![
-            spec(&self.commands, chat, "delete", 7 * DAY_MS),
-            spec(&self.events, chat, "delete", -1),
-            spec(&self.sessions, chat, "delete", 7 * DAY_MS),
-            spec(&self.presence, chat, "compact", -1),
-            spec(&self.ephemeral, chat, "delete", 3_600_000),
-            spec(&self.deliveries, chat, "delete", DAY_MS),
-            spec(&self.results, chat, "delete", DAY_MS),
-            spec(&self.push, chat, "delete", 7 * DAY_MS),
-            spec(&self.dlq, 1, "delete", 30 * DAY_MS),
+            spec(&self.commands, chat, "delete", 7 * DAY_MS, true),
+            spec(&self.events, chat, "delete", -1, true),
+            spec(&self.sessions, chat, "delete", 7 * DAY_MS, true),
+            spec(&self.presence, chat, "compact", -1, true),
+            spec(&self.ephemeral, chat, "delete", 3_600_000, false),
+            spec(&self.deliveries, chat, "delete", DAY_MS, false),
+            spec(&self.results, chat, "delete", DAY_MS, true),
+            spec(&self.push, chat, "delete", 7 * DAY_MS, true),
+            spec(&self.dlq, 1, "delete", 30 * DAY_MS, true),
         ]
     }
 
@@ -110,10 +118,14 @@ pub fn deliveries_partition(gateway_id: &str, partitions: i32) -> i32 {
     (h % partitions.max(1) as u32) as i32
 }
 
+/// The settings every client of the log shares: brokers, security
+/// ([`LogConfig::client_properties`]), timeouts, log level.
 pub(crate) fn base_client_config(config: &LogConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.brokers)
-        .set("socket.connection.setup.timeout.ms", "5000")
+    for (key, value) in config.client_properties() {
+        c.set(key, value);
+    }
+    c.set("socket.connection.setup.timeout.ms", "5000")
         .set("log_level", "3");
     // librdkafka's own debug contexts (e.g. `eos,protocol`), for diagnosis.
     if let Ok(contexts) = std::env::var("CHAT_RDKAFKA_DEBUG") {
@@ -141,24 +153,34 @@ pub async fn check_brokers(config: &LogConfig) -> Result<(), LogError> {
         })
 }
 
-/// Creates every topic that does not exist yet; existing topics are left as they are.
+/// Creates every topic that does not exist yet, with
+/// `log.replication_factor` replicas and, for the topics that carry
+/// acknowledged data, `min.insync.replicas = log.min_insync_replicas`;
+/// existing topics are left as they are (their settings are not altered).
 pub async fn ensure_topics(config: &LogConfig, specs: &[TopicSpec]) -> Result<(), LogError> {
+    config.validate()?;
     check_brokers(config).await?;
     let admin: AdminClient<DefaultClientContext> = base_client_config(config)
         .create()
         .map_err(LogError::Kafka)?;
     let retention: Vec<String> = specs.iter().map(|s| s.retention_ms.to_string()).collect();
+    let min_isr = config.min_insync_replicas.to_string();
     let new: Vec<NewTopic> = specs
         .iter()
         .zip(&retention)
         .map(|(s, r)| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(config.replication_factor),
             )
             .set("cleanup.policy", s.cleanup_policy)
-            .set("retention.ms", r)
+            .set("retention.ms", r);
+            if s.acknowledged {
+                topic.set("min.insync.replicas", &min_isr)
+            } else {
+                topic
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -236,6 +258,29 @@ mod tests {
         assert_eq!(
             deliveries_partition("a", 1000),
             (0xe40c_292c_u32 % 1000) as i32
+        );
+    }
+
+    #[test]
+    fn acknowledged_topics_are_the_ones_that_get_min_insync_replicas() {
+        let t = Topics::new(&LogConfig::default());
+        let acked: Vec<String> = t
+            .specs()
+            .into_iter()
+            .filter(|s| s.acknowledged)
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            acked,
+            [
+                "chat.commands",
+                "chat.events",
+                "chat.sessions",
+                "chat.presence",
+                "chat.results",
+                "chat.push",
+                "chat.dlq"
+            ]
         );
     }
 
