@@ -39,7 +39,7 @@ pub use partitioned::{Batch, BatchRecord, OutRecord, PartitionedConsumer, TxnErr
 pub use producer::{EventProducer, Outgoing, Produced};
 pub use registry::SchemaRegistry;
 pub use tail::{TailItem, TailStart, TopicTail};
-pub use topics::{deliveries_partition, TopicSpec, Topics};
+pub use topics::{deliveries_partition, PartitionInfo, TopicSpec, Topics};
 
 /// Kafka header that carries the trace id from the socket to the delivery.
 pub const HEADER_TRACE_ID: &str = "trace_id";

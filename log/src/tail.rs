@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::consumer::{decode_fetched, Decoded, Fetched};
+use crate::error::recv_through_transient;
 use crate::topics::{base_client_config, check_topics_exist};
 use crate::{ConsumedEvent, LogConfig, LogError, SchemaRegistry};
 
@@ -105,7 +106,7 @@ impl TopicTail {
 
     /// The next record (waits for one).
     pub async fn next(&self) -> Result<TailItem, LogError> {
-        let msg = self.consumer.recv().await?;
+        let msg = recv_through_transient(&self.consumer).await?;
         let f = Fetched::of(&msg);
         drop(msg);
         Ok(match decode_fetched(&self.registry, &f, None).await {

@@ -198,6 +198,62 @@ pub async fn ensure_topics(config: &LogConfig, specs: &[TopicSpec]) -> Result<()
     Ok(())
 }
 
+/// Where one partition of a topic lives, from a metadata request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub partition: i32,
+    /// Node id of the leader (-1: none right now).
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    /// The in-sync replicas.
+    pub isr: Vec<i32>,
+    /// The offset after the newest record (high watermark).
+    pub high_watermark: i64,
+}
+
+/// Leader, replicas, ISR and high watermark of every partition of `topic`
+/// (operations and fault tests: which broker leads the busiest partitions).
+pub async fn partitions(config: &LogConfig, topic: &str) -> Result<Vec<PartitionInfo>, LogError> {
+    let admin: AdminClient<DefaultClientContext> = base_client_config(config)
+        .create()
+        .map_err(LogError::Kafka)?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let brokers = config.brokers.clone();
+    let name = topic.to_string();
+    // Metadata and watermark requests block: off the runtime's workers.
+    tokio::task::spawn_blocking(move || {
+        let client = admin.inner();
+        let md = client.fetch_metadata(Some(&name), timeout).map_err(|e| {
+            LogError::BrokerUnreachable {
+                brokers,
+                detail: e.to_string(),
+            }
+        })?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .ok_or_else(|| LogError::UnknownTopic {
+                topic: name.clone(),
+            })?;
+        let mut out = Vec::new();
+        for p in t.partitions() {
+            let (_, high) = client.fetch_watermarks(&name, p.id(), timeout)?;
+            out.push(PartitionInfo {
+                partition: p.id(),
+                leader: p.leader(),
+                replicas: p.replicas().to_vec(),
+                isr: p.isr().to_vec(),
+                high_watermark: high,
+            });
+        }
+        out.sort_by_key(|p| p.partition);
+        Ok(out)
+    })
+    .await
+    .map_err(|e| LogError::Config(e.to_string()))?
+}
+
 /// Fails with [`LogError::UnknownTopic`] naming the first missing topic.
 pub async fn check_topics_exist(config: &LogConfig, names: &[String]) -> Result<(), LogError> {
     let admin: AdminClient<DefaultClientContext> = base_client_config(config)
