@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV  := tests/py/.venv
 CARGO ?= cargo
 
-.PHONY: run test infra-up infra-down infra-status infra-fetch setup build py-deps lint bench clean
+.PHONY: run test infra-up infra-down infra-status infra-fetch cluster-up cluster-down cluster-status test-faults setup build py-deps lint bench clean
 
 ## run: start Kafka, Cassandra and the registry, create topics/schemas/tables, run the services
 run: infra-up build setup
@@ -31,6 +31,31 @@ infra-down:
 
 infra-status:
 	@infra/stack.sh status
+
+## cluster-up: a 3-node Kafka cluster (KRaft, replication 3, min ISR 2) beside the stack, brokers 19092/19094/19096
+cluster-up:
+	@infra/stack.sh cluster-up
+
+## cluster-down: stop exactly the cluster nodes cluster-up started
+cluster-down:
+	@infra/stack.sh cluster-down
+
+cluster-status:
+	@infra/stack.sh cluster-status
+
+## test-faults: SIGKILL a Kafka broker under load (tests/tests/faults_broker.rs) on the 3-broker
+## cluster; starts the cluster if it is not up and stops it again if it started it. Needs the dev
+## stack (registry, Cassandra: make infra-up).
+test-faults:
+	@for port in $${CHAT_REGISTRY_PORT:-8081} $${CHAT_CQL_PORT:-9042}; do \
+	  (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null || { echo "test-faults needs the dev stack (nothing on port $$port): make infra-up" >&2; exit 1; }; \
+	done
+	$(CARGO) build --locked --bins -p chat-sequencer -p chat-router -p chat-projectors -p chat-gateway
+	@started=0; \
+	if ! infra/stack.sh cluster-status >/dev/null 2>&1; then infra/stack.sh cluster-up || exit 1; started=1; fi; \
+	$(CARGO) test --locked -p chat-tests --test faults_broker -- --nocapture; rc=$$?; \
+	if [ $$started = 1 ]; then infra/stack.sh cluster-down; fi; \
+	exit $$rc
 
 build:
 	$(CARGO) build --locked --bins

@@ -5,6 +5,11 @@
 #
 # usage: infra/stack.sh fetch|up|down|status|clean|logs NAME|restart NAME
 #        (NAME: kafka, cassandra or registry)
+#        infra/stack.sh cluster-up|cluster-down|cluster-status|cluster-clean
+#        infra/stack.sh cluster-kill N|cluster-start N   (SIGKILL / restart node N)
+#        infra/stack.sh cluster-bootstrap|cluster-brokers (its address; brokers registered)
+#   The cluster: 3 Kafka nodes (KRaft, broker+controller each) beside the
+#   single-node stack, replication 3, min.insync.replicas 2 (fault tests).
 #
 # Downloads come from Maven Central through `mvn` and are cached outside the
 # git tree in $CHAT_CACHE_DIR (default ~/.cache/chat-platform). Every server
@@ -158,6 +163,168 @@ start_kafka() {
 
 kafka_ready() { grep -q "Kafka Server started" "$RUN/kafka/server.log" 2>/dev/null && port_open "$KAFKA_PORT"; }
 
+# --- kafka cluster (3 nodes) ------------------------------------------------
+# A local 3-node KRaft cluster beside the single-node stack, for fault tests:
+# every node is a combined broker+controller, the three controllers are one
+# static voter set (controller.quorum.voters), replication 3 and
+# min.insync.replicas 2 (infra/conf/kafka-cluster.properties). Node N
+# listens on CLUSTER_BASE_PORT + 2(N-1) (broker) and the port after it
+# (controller): 19092/19093, 19094/19095, 19096/19097 by default. Data and
+# logs under $RUN/cluster/kafka-N; pids recorded there like the stack's.
+
+CLUSTER_NODES=3
+CLUSTER_BASE_PORT=${CHAT_CLUSTER_BASE_PORT:-19092}
+CLUSTER_HEAP=${CHAT_CLUSTER_HEAP:-384m}
+
+cluster_port() { echo $((CLUSTER_BASE_PORT + 2 * ($1 - 1))); }
+cluster_controller_port() { echo $((CLUSTER_BASE_PORT + 2 * ($1 - 1) + 1)); }
+cluster_name() { echo "cluster/kafka-$1"; }
+
+cluster_list() { # FORMAT: 'voters' (1@127.0.0.1:19093,...) or 'bootstrap' (127.0.0.1:19092,...)
+  local out="" n
+  for n in $(seq 1 "$CLUSTER_NODES"); do
+    if [ "$1" = voters ]; then
+      out+="${out:+,}$n@127.0.0.1:$(cluster_controller_port "$n")"
+    else
+      out+="${out:+,}127.0.0.1:$(cluster_port "$n")"
+    fi
+  done
+  echo "$out"
+}
+
+cluster_node_arg() { # N: validates a node number
+  [[ "${1:-}" =~ ^[1-9][0-9]*$ ]] && [ "$1" -le "$CLUSTER_NODES" ] || die "node must be 1..$CLUSTER_NODES (got '${1:-}')"
+}
+
+# A short-lived JVM for Kafka's command-line tools (log4j2's default
+# configuration: errors only, so stdout carries only the tool's answer).
+kafka_tool() { java -Xmx128m -XX:TieredStopAtLevel=1 -XX:+UseSerialGC -cp "$KAFKA_HOME/lib/*" "$@"; }
+
+start_cluster_node() {
+  local n=$1 name port cport dir conf
+  name=$(cluster_name "$n")
+  port=$(cluster_port "$n")
+  cport=$(cluster_controller_port "$n")
+  if running "$name"; then say "kafka-$n already running (pid $(cat "$(pidfile "$name")"))"; return 0; fi
+  port_open "$port" && die "port $port is taken by another process: stop it or set CHAT_CLUSTER_BASE_PORT"
+  port_open "$cport" && die "port $cport is taken by another process: stop it or set CHAT_CLUSTER_BASE_PORT"
+  dir="$RUN/$name"
+  mkdir -p "$dir"
+  conf="$dir/server.properties"
+  sed -e "s#@NODE_ID@#$n#g" -e "s#@DATA@#$dir/data#g" -e "s#@PORT@#$port#g" \
+    -e "s#@CONTROLLER_PORT@#$cport#g" -e "s#@VOTERS@#$(cluster_list voters)#g" \
+    "$INFRA/conf/kafka-cluster.properties" >"$conf"
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    # Every node's storage carries the same cluster id; the voters are static
+    # (controller.quorum.voters), so no --initial-controllers is needed.
+    say "formatting kafka-$n storage (cluster id $(cat "$RUN/cluster/cluster.id"))"
+    kafka_tool kafka.tools.StorageTool format -t "$(cat "$RUN/cluster/cluster.id")" -c "$conf" \
+      >"$dir/format.log" 2>&1 || { cat "$dir/format.log" >&2; die "kafka-$n storage format failed"; }
+  fi
+  say "starting kafka-$n on 127.0.0.1:$port (controller $cport)"
+  # A small heap: three nodes share two cores with the rest of the box.
+  launch "$name" java -Xms128m "-Xmx$CLUSTER_HEAP" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true -Dlog4j2.configurationFile="$INFRA/conf/log4j2-kafka.properties" \
+    -Dkafka.logs.dir="$dir" -cp "$KAFKA_HOME/lib/*" kafka.Kafka "$conf"
+}
+
+cluster_node_ready() {
+  grep -q "Kafka Server started" "$RUN/$(cluster_name "$1")/server.log" 2>/dev/null && port_open "$(cluster_port "$1")"
+}
+
+# How many brokers a metadata request to the cluster lists.
+cluster_registered() {
+  kafka_tool org.apache.kafka.tools.BrokerApiVersionsCommand --bootstrap-server "$(cluster_list bootstrap)" 2>/dev/null |
+    grep -c ' (id: ' || true
+}
+
+cluster_all_registered() { [ "$(cluster_registered)" -ge "$CLUSTER_NODES" ]; }
+
+cluster_up() {
+  command -v mvn >/dev/null || die "mvn not found: install Maven (Debian: apt-get install maven)"
+  require_java
+  fetch_kafka
+  mkdir -p "$RUN/cluster"
+  local t0=$SECONDS n
+  if [ ! -f "$RUN/cluster/cluster.id" ]; then
+    kafka_tool kafka.tools.StorageTool random-uuid | tail -n 1 >"$RUN/cluster/cluster.id"
+  fi
+  grep -qE '^[A-Za-z0-9_-]{22}$' "$RUN/cluster/cluster.id" ||
+    die "$RUN/cluster/cluster.id does not hold a cluster id: remove it (infra/stack.sh cluster-clean)"
+  for n in $(seq 1 "$CLUSTER_NODES"); do start_cluster_node "$n"; done
+  for n in $(seq 1 "$CLUSTER_NODES"); do
+    wait_until "$(cluster_name "$n")" 120 cluster_node_ready "$n"
+    say "kafka-$n ready"
+  done
+  wait_until "$(cluster_name 1)" 60 cluster_all_registered
+  say "cluster up in $((SECONDS - t0))s: $CLUSTER_NODES brokers registered, bootstrap $(cluster_list bootstrap)"
+}
+
+cluster_down() {
+  # SIGTERM to every node at once: a node stopped alone while the others
+  # wait would hold its controlled shutdown until the quorum answers.
+  local n name pid pids=()
+  for n in $(seq "$CLUSTER_NODES" -1 1); do
+    name=$(cluster_name "$n")
+    if running "$name"; then
+      pid=$(cat "$(pidfile "$name")")
+      say "stopping kafka-$n (pid $pid)"
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid")
+    fi
+  done
+  local deadline=$((SECONDS + 30)) alive
+  while :; do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && break
+    if [ $SECONDS -ge $deadline ]; then
+      say "cluster did not stop within 30s: killing"
+      for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+      sleep 0.5
+      break
+    fi
+    sleep 0.5
+  done
+  for n in $(seq 1 "$CLUSTER_NODES"); do rm -f "$(pidfile "$(cluster_name "$n")")"; done
+}
+
+cluster_status() {
+  local rc=0 n name
+  for n in $(seq 1 "$CLUSTER_NODES"); do
+    name=$(cluster_name "$n")
+    if running "$name"; then
+      printf 'kafka-%s    running (pid %s, rss %s KiB) 127.0.0.1:%s controller %s\n' "$n" "$(cat "$(pidfile "$name")")" \
+        "$(ps -o rss= -p "$(cat "$(pidfile "$name")")" | tr -d ' ')" "$(cluster_port "$n")" "$(cluster_controller_port "$n")"
+    else
+      printf 'kafka-%s    stopped (127.0.0.1:%s)\n' "$n" "$(cluster_port "$n")"
+      rc=3
+    fi
+  done
+  return $rc
+}
+
+cluster_kill() { # N: SIGKILL, no shutdown at all (a crash)
+  cluster_node_arg "$1"
+  local name pid
+  name=$(cluster_name "$1")
+  running "$name" || die "kafka-$1 is not running"
+  pid=$(cat "$(pidfile "$name")")
+  say "SIGKILL kafka-$1 (pid $pid)"
+  kill -KILL "$pid"
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  rm -f "$(pidfile "$name")"
+}
+
+cluster_start() { # N: start one node (after cluster-kill) and wait until it serves
+  cluster_node_arg "$1"
+  [ -f "$RUN/cluster/cluster.id" ] || die "no cluster here: run cluster-up first"
+  local t0=$SECONDS
+  start_cluster_node "$1"
+  wait_until "$(cluster_name "$1")" 120 cluster_node_ready "$1"
+  say "kafka-$1 ready in $((SECONDS - t0))s"
+}
+
 # --- cassandra --------------------------------------------------------------
 
 start_cassandra() {
@@ -284,6 +451,14 @@ case "${1:-}" in
       *) die "restart what? kafka|cassandra|registry" ;;
     esac
     say "$2 restarted" ;;
-  clean) down && rm -rf "$RUN" ;;
-  *) echo "usage: $0 fetch|up|down|status|logs NAME|restart NAME|clean" >&2; exit 2 ;;
+  clean) down && cluster_down && rm -rf "$RUN" ;;
+  cluster-up) cluster_up ;;
+  cluster-down) cluster_down ;;
+  cluster-status) cluster_status ;;
+  cluster-kill) cluster_kill "${2:-}" ;;
+  cluster-start) cluster_start "${2:-}" ;;
+  cluster-bootstrap) cluster_list bootstrap ;;
+  cluster-brokers) cluster_registered ;;
+  cluster-clean) cluster_down && rm -rf "$RUN/cluster" ;;
+  *) echo "usage: $0 fetch|up|down|status|logs NAME|restart NAME|clean|cluster-up|cluster-down|cluster-status|cluster-kill N|cluster-start N|cluster-bootstrap|cluster-brokers|cluster-clean" >&2; exit 2 ;;
 esac

@@ -230,6 +230,8 @@ impl GatewayConfig {
     }
 
     fn check(&self) -> Result<(), String> {
+        self.log.check()?;
+        self.store.check()?;
         if self.gateway_id.is_empty() || self.gateway_id.contains(',') {
             return Err("gateway_id must be non-empty and contain no comma".into());
         }
@@ -341,12 +343,25 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   log.topic_prefix      prefix before every topic name              []
   log.chat_partitions   partitions of the chat topics               [12]
   log.replication_factor replication of created topics              [1]
+  log.min_insync_replicas min.insync.replicas of acknowledged topics [1]
+  log.security_protocol plaintext | ssl | sasl_plaintext | sasl_ssl [plaintext]
+  log.sasl_mechanism    PLAIN, SCRAM-SHA-256, ... (sasl.mechanisms) [unset]
+  log.sasl_username     SASL user                                   [unset]
+  log.sasl_password     SASL password (secret, never printed)       [unset]
+  log.ssl_ca_location   CA file of the brokers' certificates        [unset]
+  log.ssl_certificate_location client certificate (PEM)             [unset]
+  log.ssl_key_location  client private key (PEM)                    [unset]
   log.linger_ms         producer linger.ms                          [0]
   log.fetch_wait_max_ms consumer fetch.wait.max.ms                  [100]
   log.connect_timeout_ms start-up reachability timeout              [5000]
   store.nodes           Cassandra contact points                    [127.0.0.1:9042]
   store.keyspace        keyspace                                    [chat]
   store.connect_timeout_ms                                          [5000]
+  store.username        Cassandra user (password authenticator)     [unset]
+  store.password        its password (secret, never printed)        [unset]
+  store.consistency     one|two|three|quorum|all|local_quorum|each_quorum|local_one [local_quorum]
+  store.tls             TLS to Cassandra: not in this build, true is refused [false]
+  store.tls_ca_location, store.tls_certificate_location, store.tls_key_location [unset]
 Example: CHAT_LISTEN=0.0.0.0:8080 CHAT_DEV_LOGIN=true CHAT_ALLOWED_ORIGINS='*' chat-gateway";
 
 impl chat_runtime::ServiceConfig for GatewayConfig {

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::recv_through_transient;
 use crate::registry::DecodeFailure;
 use crate::topics::{base_client_config, check_brokers};
 use crate::{EventProducer, LogConfig, LogError, SchemaRegistry, HEADER_TRACE_ID};
@@ -235,7 +236,7 @@ impl EventConsumer {
         loop {
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                m = self.inner.recv() => m?,
+                m = recv_through_transient(&self.inner) => m?,
             };
             let f = Fetched::of(&msg);
             drop(msg);
@@ -376,7 +377,7 @@ pub async fn read_raw(
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while out.len() < max {
-        let msg = match tokio::time::timeout_at(deadline, consumer.recv()).await {
+        let msg = match tokio::time::timeout_at(deadline, recv_through_transient(&consumer)).await {
             Ok(m) => m?,
             Err(_) => break,
         };

@@ -1,6 +1,9 @@
 //! Typed errors of the log boundary. Each says whether retrying can help.
 
+use rdkafka::consumer::{ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::BorrowedMessage;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -73,5 +76,69 @@ pub(crate) fn from_kafka(e: KafkaError, topic: &str) -> LogError {
             }
         }
         _ => LogError::Kafka(e),
+    }
+}
+
+/// Consumer errors librdkafka reports while it recovers by itself: a broker
+/// that went away (it reconnects, and fetches from the new leader once the
+/// metadata says who that is), a coordinator that moved or is loading. They
+/// are events, not a broken consumer: a service that stopped on them would
+/// die with every broker restart.
+pub(crate) fn transient_consume_error(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::BrokerTransportFailure
+                | RDKafkaErrorCode::AllBrokersDown
+                | RDKafkaErrorCode::NetworkException
+                | RDKafkaErrorCode::RequestTimedOut
+                | RDKafkaErrorCode::OperationTimedOut
+                | RDKafkaErrorCode::LeaderNotAvailable
+                | RDKafkaErrorCode::NotLeaderForPartition
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::FencedLeaderEpoch
+                | RDKafkaErrorCode::UnknownLeaderEpoch
+                | RDKafkaErrorCode::NotEnoughReplicas
+                | RDKafkaErrorCode::NotEnoughReplicasAfterAppend
+        )
+    )
+}
+
+/// `consumer.recv()`, logging and skipping [transient](transient_consume_error)
+/// errors; any other error is returned.
+pub(crate) async fn recv_through_transient<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+) -> Result<BorrowedMessage<'_>, KafkaError> {
+    loop {
+        match consumer.recv().await {
+            Err(e) if transient_consume_error(&e) => {
+                tracing::warn!(error = %e, "transient Kafka error; the consumer recovers by itself");
+                // The same condition is reported once per broker and state
+                // change; a short pause keeps a flapping broker from spinning.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_broker_is_transient_a_bad_topic_is_not() {
+        let transient = KafkaError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure);
+        assert!(transient_consume_error(&transient));
+        assert!(transient_consume_error(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::AllBrokersDown
+        )));
+        let fatal = KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition);
+        assert!(!transient_consume_error(&fatal));
+        assert!(!transient_consume_error(&KafkaError::MessageConsumption(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
     }
 }

@@ -38,14 +38,14 @@ pub mod registry;
 pub mod tail;
 pub mod topics;
 
-pub use config::LogConfig;
+pub use config::{LogConfig, SecurityProtocol};
 pub use consumer::{read_raw, ConsumedEvent, EventConsumer, HandlerError, RawRecord};
 pub use error::LogError;
 pub use partitioned::{Batch, BatchRecord, OutRecord, PartitionedConsumer, TxnError, TxnProducer};
 pub use producer::{EventProducer, Outgoing, Produced};
 pub use registry::SchemaRegistry;
 pub use tail::{TailItem, TailStart, TopicTail};
-pub use topics::{deliveries_partition, TopicSpec, Topics};
+pub use topics::{deliveries_partition, PartitionInfo, TopicSpec, Topics};
 
 /// Kafka header that carries the trace id from the socket to the delivery.
 pub const HEADER_TRACE_ID: &str = "trace_id";

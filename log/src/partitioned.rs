@@ -41,6 +41,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::consumer::{decode_fetched, Decoded, Fetched};
+use crate::error::recv_through_transient;
 use crate::producer::{envelope_headers, Produced};
 use crate::topics::{base_client_config, check_brokers, check_topics_exist};
 use crate::{ConsumedEvent, LogConfig, LogError, Outgoing, SchemaRegistry};
@@ -260,7 +261,8 @@ impl PartitionedConsumer {
     /// between), so dropping this future never loses a record.
     async fn fill(&mut self, wait: Duration) -> Result<bool, LogError> {
         if self.fetched.is_none() {
-            let msg = match tokio::time::timeout(wait, self.consumer.recv()).await {
+            let msg = match tokio::time::timeout(wait, recv_through_transient(&self.consumer)).await
+            {
                 Ok(m) => m?,
                 Err(_) => return Ok(false),
             };
@@ -483,6 +485,12 @@ impl TxnProducer {
             .set("acks", "all")
             .set("linger.ms", config.linger_ms.to_string())
             .set("transaction.timeout.ms", "60000")
+            // A record the new leader never acknowledges (a broker killed
+            // mid-request) fails after 10 s instead of librdkafka's default
+            // 300 s: the batch then aborts and is redone, instead of the
+            // partition standing still until the group evicts this member
+            // (measured with a SIGKILLed leader: 331 s without it).
+            .set("message.timeout.ms", "10000")
             // A transaction begun right after the previous commit is refused
             // with CONCURRENT_TRANSACTIONS until the broker wrote the markers
             // (a few ms); with the default 100 ms backoff every batch would

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::consumer::{decode_fetched, Decoded, Fetched};
+use crate::error::recv_through_transient;
 use crate::topics::{base_client_config, check_topics_exist};
 use crate::{ConsumedEvent, LogConfig, LogError, SchemaRegistry};
 
@@ -138,7 +139,7 @@ impl TopicTail {
     /// nothing: the message is owned (and the position moves) only when
     /// `recv` returns, and nothing awaits between that and the return.
     async fn fetch(&self) -> Result<Fetched, LogError> {
-        let msg = self.consumer.recv().await?;
+        let msg = recv_through_transient(&self.consumer).await?;
         Ok(Fetched::of(&msg))
     }
 

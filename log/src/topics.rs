@@ -34,6 +34,12 @@ pub struct TopicSpec {
     pub cleanup_policy: &'static str,
     /// `retention.ms`; -1 keeps records forever.
     pub retention_ms: i64,
+    /// Carries data a client or service was told is written (commands,
+    /// events, sessions, presence, results, push tasks, dead letters): created
+    /// with `min.insync.replicas` = [`LogConfig::min_insync_replicas`].
+    /// Others (`chat.ephemeral`, `chat.deliveries`, both re-derivable) get
+    /// the broker's default.
+    pub acknowledged: bool,
 }
 
 /// The names of the platform's topics, with the configured prefix applied.
@@ -73,23 +79,25 @@ impl Topics {
     /// Every topic with its creation settings.
     pub fn specs(&self) -> Vec<TopicSpec> {
         let chat = self.chat_partitions;
-        let spec = |name: &String, partitions, cleanup_policy, retention_ms| TopicSpec {
-            name: name.clone(),
-            partitions,
-            cleanup_policy,
-            retention_ms,
-        };
+        let spec =
+            |name: &String, partitions, cleanup_policy, retention_ms, acknowledged| TopicSpec {
+                name: name.clone(),
+                partitions,
+                cleanup_policy,
+                retention_ms,
+                acknowledged,
+            };
         vec![
-            spec(&self.commands, chat, "delete", 7 * DAY_MS),
-            spec(&self.events, chat, "delete", -1),
-            spec(&self.sessions, chat, "delete", 7 * DAY_MS),
-            spec(&self.presence, chat, "compact", -1),
-            spec(&self.user_settings, chat, "compact", -1),
-            spec(&self.ephemeral, chat, "delete", 3_600_000),
-            spec(&self.deliveries, chat, "delete", DAY_MS),
-            spec(&self.results, chat, "delete", DAY_MS),
-            spec(&self.push, chat, "delete", 7 * DAY_MS),
-            spec(&self.dlq, 1, "delete", 30 * DAY_MS),
+            spec(&self.commands, chat, "delete", 7 * DAY_MS, true),
+            spec(&self.events, chat, "delete", -1, true),
+            spec(&self.sessions, chat, "delete", 7 * DAY_MS, true),
+            spec(&self.presence, chat, "compact", -1, true),
+            spec(&self.user_settings, chat, "compact", -1, true),
+            spec(&self.ephemeral, chat, "delete", 3_600_000, false),
+            spec(&self.deliveries, chat, "delete", DAY_MS, false),
+            spec(&self.results, chat, "delete", DAY_MS, true),
+            spec(&self.push, chat, "delete", 7 * DAY_MS, true),
+            spec(&self.dlq, 1, "delete", 30 * DAY_MS, true),
         ]
     }
 
@@ -114,10 +122,14 @@ pub fn deliveries_partition(gateway_id: &str, partitions: i32) -> i32 {
     (h % partitions.max(1) as u32) as i32
 }
 
+/// The settings every client of the log shares: brokers, security
+/// ([`LogConfig::client_properties`]), timeouts, log level.
 pub(crate) fn base_client_config(config: &LogConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.brokers)
-        .set("socket.connection.setup.timeout.ms", "5000")
+    for (key, value) in config.client_properties() {
+        c.set(key, value);
+    }
+    c.set("socket.connection.setup.timeout.ms", "5000")
         .set("log_level", "3");
     // librdkafka's own debug contexts (e.g. `eos,protocol`), for diagnosis.
     if let Ok(contexts) = std::env::var("CHAT_RDKAFKA_DEBUG") {
@@ -145,24 +157,34 @@ pub async fn check_brokers(config: &LogConfig) -> Result<(), LogError> {
         })
 }
 
-/// Creates every topic that does not exist yet; existing topics are left as they are.
+/// Creates every topic that does not exist yet, with
+/// `log.replication_factor` replicas and, for the topics that carry
+/// acknowledged data, `min.insync.replicas = log.min_insync_replicas`;
+/// existing topics are left as they are (their settings are not altered).
 pub async fn ensure_topics(config: &LogConfig, specs: &[TopicSpec]) -> Result<(), LogError> {
+    config.validate()?;
     check_brokers(config).await?;
     let admin: AdminClient<DefaultClientContext> = base_client_config(config)
         .create()
         .map_err(LogError::Kafka)?;
     let retention: Vec<String> = specs.iter().map(|s| s.retention_ms.to_string()).collect();
+    let min_isr = config.min_insync_replicas.to_string();
     let new: Vec<NewTopic> = specs
         .iter()
         .zip(&retention)
         .map(|(s, r)| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 &s.name,
                 s.partitions,
                 TopicReplication::Fixed(config.replication_factor),
             )
             .set("cleanup.policy", s.cleanup_policy)
-            .set("retention.ms", r)
+            .set("retention.ms", r);
+            if s.acknowledged {
+                topic.set("min.insync.replicas", &min_isr)
+            } else {
+                topic
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -178,6 +200,62 @@ pub async fn ensure_topics(config: &LogConfig, specs: &[TopicSpec]) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Where one partition of a topic lives, from a metadata request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    pub partition: i32,
+    /// Node id of the leader (-1: none right now).
+    pub leader: i32,
+    pub replicas: Vec<i32>,
+    /// The in-sync replicas.
+    pub isr: Vec<i32>,
+    /// The offset after the newest record (high watermark).
+    pub high_watermark: i64,
+}
+
+/// Leader, replicas, ISR and high watermark of every partition of `topic`
+/// (operations and fault tests: which broker leads the busiest partitions).
+pub async fn partitions(config: &LogConfig, topic: &str) -> Result<Vec<PartitionInfo>, LogError> {
+    let admin: AdminClient<DefaultClientContext> = base_client_config(config)
+        .create()
+        .map_err(LogError::Kafka)?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let brokers = config.brokers.clone();
+    let name = topic.to_string();
+    // Metadata and watermark requests block: off the runtime's workers.
+    tokio::task::spawn_blocking(move || {
+        let client = admin.inner();
+        let md = client.fetch_metadata(Some(&name), timeout).map_err(|e| {
+            LogError::BrokerUnreachable {
+                brokers,
+                detail: e.to_string(),
+            }
+        })?;
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == name && t.error().is_none())
+            .ok_or_else(|| LogError::UnknownTopic {
+                topic: name.clone(),
+            })?;
+        let mut out = Vec::new();
+        for p in t.partitions() {
+            let (_, high) = client.fetch_watermarks(&name, p.id(), timeout)?;
+            out.push(PartitionInfo {
+                partition: p.id(),
+                leader: p.leader(),
+                replicas: p.replicas().to_vec(),
+                isr: p.isr().to_vec(),
+                high_watermark: high,
+            });
+        }
+        out.sort_by_key(|p| p.partition);
+        Ok(out)
+    })
+    .await
+    .map_err(|e| LogError::Config(e.to_string()))?
 }
 
 /// Fails with [`LogError::UnknownTopic`] naming the first missing topic.
@@ -253,6 +331,30 @@ mod tests {
         assert_eq!(
             s.map(|s| (s.cleanup_policy, s.retention_ms)),
             Some(("compact", -1))
+        );
+    }
+
+    #[test]
+    fn acknowledged_topics_are_the_ones_that_get_min_insync_replicas() {
+        let t = Topics::new(&LogConfig::default());
+        let acked: Vec<String> = t
+            .specs()
+            .into_iter()
+            .filter(|s| s.acknowledged)
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            acked,
+            [
+                "chat.commands",
+                "chat.events",
+                "chat.sessions",
+                "chat.presence",
+                "chat.user-settings",
+                "chat.results",
+                "chat.push",
+                "chat.dlq"
+            ]
         );
     }
 

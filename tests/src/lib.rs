@@ -40,7 +40,12 @@ pub struct TestLog {
 
 impl TestLog {
     pub async fn start(test: &str) -> anyhow::Result<Self> {
-        let config = log_config(test);
+        Self::start_config(log_config(test)).await
+    }
+
+    /// Like [`start`](Self::start) with a config of the caller's (e.g. the
+    /// 3-broker cluster, replication 3, min ISR 2).
+    pub async fn start_config(config: LogConfig) -> anyhow::Result<Self> {
         let topics = Topics::new(&config);
         chat_log::topics::ensure_topics(&config, &topics.specs()).await?;
         let registry = Arc::new(SchemaRegistry::new(&config)?);

@@ -71,6 +71,13 @@ pub struct Options {
     pub gateway_env: Vec<(String, String)>,
     /// Extra environment for the presence services (e.g. `CHAT_GATEWAY_TTL_MS`).
     pub presence_env: Vec<(String, String)>,
+    /// Kafka bootstrap servers instead of `CHAT_LOG__BROKERS` / the dev
+    /// stack's (e.g. the 3-broker cluster of `infra/stack.sh cluster-up`).
+    pub brokers: Option<String>,
+    /// Replication factor of the test's topics (1: the dev stack).
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of the test's acknowledged topics.
+    pub min_insync_replicas: i32,
 }
 
 impl Default for Options {
@@ -81,6 +88,9 @@ impl Default for Options {
             profile: "debug",
             gateway_env: Vec::new(),
             presence_env: Vec::new(),
+            brokers: None,
+            replication_factor: 1,
+            min_insync_replicas: 1,
         }
     }
 }
@@ -154,7 +164,13 @@ impl Platform {
     /// Starts the platform as `options` say.
     pub async fn start_with(test: &str, options: Options) -> anyhow::Result<Self> {
         let (gateways, workers) = (options.gateways, options.workers);
-        let log = TestLog::start(test).await?;
+        let mut config = crate::log_config(test);
+        if let Some(b) = &options.brokers {
+            config.brokers = b.clone();
+        }
+        config.replication_factor = options.replication_factor;
+        config.min_insync_replicas = options.min_insync_replicas;
+        let log = TestLog::start_config(config).await?;
         let mut store = StoreConfig::default();
         if let Ok(n) = std::env::var("CHAT_STORE__NODES") {
             store.nodes = n.split(',').map(str::to_string).collect();
@@ -202,6 +218,14 @@ impl Platform {
                 self.log.config.chat_partitions.to_string(),
             ),
             ("CHAT_LOG__BROKERS".into(), self.log.config.brokers.clone()),
+            (
+                "CHAT_LOG__REPLICATION_FACTOR".into(),
+                self.log.config.replication_factor.to_string(),
+            ),
+            (
+                "CHAT_LOG__MIN_INSYNC_REPLICAS".into(),
+                self.log.config.min_insync_replicas.to_string(),
+            ),
             (
                 "CHAT_LOG__REGISTRY_URL".into(),
                 self.log.config.registry_url.clone(),

@@ -10,7 +10,8 @@ Configuration (TOML keys; override with CHAT_<KEY>, nested keys joined by __):
   batch_max         most events per batch                       [500]
   batch_linger_us   wait for more events, microseconds          [500]
   log_format        pretty | json                               [pretty]
-  log.*             as in chat-gateway --help";
+  log.*             as in chat-gateway --help (brokers, security_protocol,
+                    sasl_*, ssl_*, ...)";
 
 #[derive(Parser, Debug)]
 #[command(name = "chat-router", version, about = "Routes chat events to the gateways holding recipients", after_help = OPTIONS_HELP)]

@@ -43,6 +43,9 @@ impl chat_runtime::ServiceConfig for RouterConfig {
     fn log_format(&self) -> LogFormat {
         self.log_format
     }
+    fn validate(&self) -> Result<(), String> {
+        self.log.check()
+    }
 }
 
 impl Default for RouterConfig {

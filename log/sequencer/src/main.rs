@@ -13,7 +13,8 @@ Configuration (TOML keys; override with CHAT_<KEY>, nested keys joined by __):
   limits.max_group_members    largest group                       [1000]
   limits.max_text_bytes       largest message text                [16384]
   log_format                  pretty | json                       [pretty]
-  log.*                       as in chat-gateway --help";
+  log.*                       as in chat-gateway --help (brokers, security_protocol,
+                              sasl_*, ssl_*, ...)";
 
 #[derive(Parser, Debug)]
 #[command(name = "chat-sequencer", version, about = "Validates, dedupes and sequences chat commands", after_help = OPTIONS_HELP)]

@@ -47,6 +47,9 @@ impl chat_runtime::ServiceConfig for SequencerConfig {
     fn log_format(&self) -> LogFormat {
         self.log_format
     }
+    fn validate(&self) -> Result<(), String> {
+        self.log.check()
+    }
 }
 
 impl Default for SequencerConfig {

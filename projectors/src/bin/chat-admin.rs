@@ -51,11 +51,21 @@ const OPTIONS_HELP: &str = "\
 Configuration (TOML file keys; each can be overridden by CHAT_<KEY>, nested
 keys joined by a double underscore, e.g. CHAT_STORE__KEYSPACE=chat):
   log.*                 as in chat-gateway --help (brokers, registry_url, topic_prefix, ...)
+  log.replication_factor replication of created topics               [1]
+  log.min_insync_replicas min.insync.replicas of the topics carrying acknowledged
+                        data (commands, events, sessions, presence, results,
+                        push, dlq); set when a topic is created      [1]
+  log.security_protocol, log.sasl_*, log.ssl_*: as in chat-gateway --help
   store.nodes           Cassandra contact points                     [127.0.0.1:9042]
   store.keyspace        keyspace of every table                      [chat]
   store.replication     { class = \"SimpleStrategy\", replication_factor = 1 } or
                         { class = \"NetworkTopologyStrategy\", datacenters = { dc1 = 3 } }
   store.connect_timeout_ms                                           [5000]
+  store.username        Cassandra user (password authenticator)     [unset]
+  store.password        its password (secret, never printed)        [unset]
+  store.consistency     one|two|three|quorum|all|local_quorum|each_quorum|local_one [local_quorum]
+  store.tls             TLS to Cassandra: not in this build, true is refused [false]
+  store.tls_ca_location, store.tls_certificate_location, store.tls_key_location [unset]
   log_format            pretty | json                                [pretty]";
 
 #[tokio::main]
@@ -68,6 +78,10 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Err(e) = config.log.check().and_then(|()| config.store.check()) {
+        eprintln!("chat-admin: invalid configuration: {e}");
+        return std::process::ExitCode::from(2);
+    }
     chat_runtime::telemetry::init(config.log_format);
     match run(args.command, &config).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

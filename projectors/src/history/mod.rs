@@ -108,6 +108,10 @@ impl chat_runtime::ServiceConfig for HistoryConfig {
     fn log_format(&self) -> chat_runtime::telemetry::LogFormat {
         self.log_format
     }
+    fn validate(&self) -> Result<(), String> {
+        self.log.check()?;
+        self.store.check()
+    }
 }
 
 impl Default for HistoryConfig {
@@ -134,6 +138,14 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   log.topic_prefix      prefix before every topic name              []
   log.chat_partitions   partitions of chat.commands / chat.events   [12]
   log.replication_factor replication of created topics              [1]
+  log.min_insync_replicas min.insync.replicas of acknowledged topics [1]
+  log.security_protocol plaintext | ssl | sasl_plaintext | sasl_ssl [plaintext]
+  log.sasl_mechanism    PLAIN, SCRAM-SHA-256, ... (sasl.mechanisms) [unset]
+  log.sasl_username     SASL user                                   [unset]
+  log.sasl_password     SASL password (secret, never printed)       [unset]
+  log.ssl_ca_location   CA file of the brokers' certificates        [unset]
+  log.ssl_certificate_location client certificate (PEM)             [unset]
+  log.ssl_key_location  client private key (PEM)                    [unset]
   log.linger_ms         producer linger.ms (dead-letter writes)     [0]
   log.fetch_wait_max_ms consumer fetch.wait.max.ms                  [5]
   log.connect_timeout_ms start-up reachability timeout              [5000]
@@ -141,6 +153,11 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   store.keyspace        keyspace of every table                     [chat]
   store.replication     used by chat-admin migrate only             [SimpleStrategy, 1]
   store.connect_timeout_ms                                          [5000]
+  store.username        Cassandra user (password authenticator)     [unset]
+  store.password        its password (secret, never printed)        [unset]
+  store.consistency     one|two|three|quorum|all|local_quorum|each_quorum|local_one [local_quorum]
+  store.tls             TLS to Cassandra: not in this build, true is refused [false]
+  store.tls_ca_location, store.tls_certificate_location, store.tls_key_location [unset]
 The tables must exist (chat-admin migrate); the projector migrates nothing.
 Example: CHAT_STORE__KEYSPACE=chat CHAT_GROUP_ID=history chat-history";
 

@@ -114,6 +114,10 @@ impl chat_runtime::ServiceConfig for PresenceConfig {
     fn log_format(&self) -> LogFormat {
         self.log_format
     }
+    fn validate(&self) -> Result<(), String> {
+        self.log.check()?;
+        self.store.check()
+    }
 }
 
 /// Every option of `chat-presence`, for `--help`.
@@ -125,8 +129,10 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   table_group_id        consumer group projecting chat.presence     [presence-table]
   gateway_ttl_ms        silent gateway -> its sessions closed        [15000]
   log_format            pretty | json                               [pretty]
-  log.*                 Kafka and registry (see chat-admin --help)
-  store.*               Cassandra (nodes, keyspace, ...)";
+  log.*                 Kafka and registry (brokers, security_protocol, sasl_*,
+                        ssl_*, ...: see chat-gateway --help)
+  store.*               Cassandra (nodes, keyspace, username, password,
+                        consistency, tls: see chat-gateway --help)";
 
 #[derive(Clone, Default)]
 struct Metrics {

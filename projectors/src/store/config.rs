@@ -1,6 +1,8 @@
 //! How to reach Cassandra and how to replicate the keyspace (the `[store]`
 //! table of a service's config).
 
+use chat_runtime::Secret;
+use scylla::statement::Consistency as DriverConsistency;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 
@@ -23,6 +25,61 @@ pub struct StoreConfig {
     pub replication: Replication,
     /// How long connecting waits for any node before reporting Cassandra unreachable.
     pub connect_timeout_ms: u64,
+    /// User name for Cassandra's password authenticator. Unset: no authentication.
+    pub username: Option<String>,
+    /// Password of `username`; never printed.
+    #[serde(skip_serializing)]
+    pub password: Option<Secret>,
+    /// Consistency level of every read and write of the store: `one`,
+    /// `two`, `three`, `quorum`, `all`, `local_quorum`, `each_quorum`,
+    /// `local_one` (`any` is refused: it is write-only). `local_quorum` (the
+    /// driver's default) survives one lost replica of three and reads what
+    /// a quorum write wrote; with one node every level but `two`, `three`
+    /// and `all` beyond the replication means the same.
+    pub consistency: Consistency,
+    /// Encrypt client connections. This build has no TLS for Cassandra
+    /// (the driver's TLS needs OpenSSL or rustls, neither is built in):
+    /// `true` is refused at start.
+    pub tls: bool,
+    /// CA certificate(s) of the nodes, PEM file (for `tls`).
+    pub tls_ca_location: Option<String>,
+    /// Client certificate, PEM file (for `tls` with client authentication).
+    pub tls_certificate_location: Option<String>,
+    /// Client private key, PEM file.
+    pub tls_key_location: Option<String>,
+}
+
+/// Cassandra consistency levels a store may use for its reads and writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    Any,
+    One,
+    Two,
+    Three,
+    Quorum,
+    All,
+    #[default]
+    LocalQuorum,
+    EachQuorum,
+    LocalOne,
+}
+
+impl Consistency {
+    /// The driver's value.
+    pub fn to_driver(self) -> DriverConsistency {
+        match self {
+            Consistency::Any => DriverConsistency::Any,
+            Consistency::One => DriverConsistency::One,
+            Consistency::Two => DriverConsistency::Two,
+            Consistency::Three => DriverConsistency::Three,
+            Consistency::Quorum => DriverConsistency::Quorum,
+            Consistency::All => DriverConsistency::All,
+            Consistency::LocalQuorum => DriverConsistency::LocalQuorum,
+            Consistency::EachQuorum => DriverConsistency::EachQuorum,
+            Consistency::LocalOne => DriverConsistency::LocalOne,
+        }
+    }
 }
 
 impl Default for StoreConfig {
@@ -32,11 +89,27 @@ impl Default for StoreConfig {
             keyspace: "chat".into(),
             replication: Replication::default(),
             connect_timeout_ms: 5_000,
+            username: None,
+            password: None,
+            consistency: Consistency::LocalQuorum,
+            tls: false,
+            tls_ca_location: None,
+            tls_certificate_location: None,
+            tls_key_location: None,
         }
     }
 }
 
 impl StoreConfig {
+    /// [`validate`](Self::validate) as the plain message a service's
+    /// `ServiceConfig::validate` reports (exit code 2).
+    pub fn check(&self) -> Result<(), String> {
+        self.validate().map_err(|e| match e {
+            StoreError::Config(m) => m,
+            e => e.to_string(),
+        })
+    }
+
     /// Checks what Cassandra would only refuse later: no nodes, a keyspace
     /// name that is not a plain CQL identifier, an impossible replication.
     pub fn validate(&self) -> Result<(), StoreError> {
@@ -48,6 +121,32 @@ impl StoreConfig {
                 "store.keyspace {:?} must be a letter then up to 47 letters, digits or _",
                 self.keyspace
             )));
+        }
+        if self.username.is_some() != self.password.is_some() {
+            return Err(StoreError::Config(
+                "store.username and store.password go together".into(),
+            ));
+        }
+        if self.consistency == Consistency::Any {
+            return Err(StoreError::Config(
+                "store.consistency = any is write-only: the store also reads".into(),
+            ));
+        }
+        if self.tls {
+            return Err(StoreError::Config(
+                "store.tls = true: this build has no TLS for Cassandra (the scylla driver's \
+                 TLS needs OpenSSL or rustls, neither is built in); use a TLS-terminating \
+                 proxy or a private network"
+                    .into(),
+            ));
+        }
+        let tls_keys = self.tls_ca_location.is_some()
+            || self.tls_certificate_location.is_some()
+            || self.tls_key_location.is_some();
+        if tls_keys {
+            return Err(StoreError::Config(
+                "store.tls_* is set but store.tls is false".into(),
+            ));
         }
         self.replication.validate()
     }
@@ -169,6 +268,43 @@ mod tests {
             "{'class': 'NetworkTopologyStrategy', 'dc1': 3, 'dc2': 2}"
         );
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn credentials_consistency_and_tls() {
+        let c = parse("").unwrap();
+        assert_eq!(c.consistency, Consistency::LocalQuorum);
+        assert_eq!(c.consistency.to_driver(), DriverConsistency::LocalQuorum);
+        assert!(c.username.is_none() && c.password.is_none() && !c.tls);
+        let c =
+            parse("username = \"app\"\npassword = \"hunter2\"\nconsistency = \"quorum\"").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.consistency.to_driver(), DriverConsistency::Quorum);
+        assert_eq!(c.password.as_ref().map(|p| p.expose()), Some("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!toml::to_string(&c).unwrap().contains("hunter2"));
+        assert_eq!(
+            parse("consistency = \"local_one\"")
+                .unwrap()
+                .consistency
+                .to_driver(),
+            DriverConsistency::LocalOne
+        );
+        assert!(parse("consistency = \"most\"").is_err());
+        for text in [
+            "username = \"app\"",
+            "consistency = \"any\"",
+            "tls = true",
+            "tls_ca_location = \"/ca.pem\"",
+        ] {
+            assert!(parse(text).unwrap().validate().is_err(), "accepted: {text}");
+        }
+        let err = parse("tls = true")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no TLS"), "{err}");
     }
 
     #[test]

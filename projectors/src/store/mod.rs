@@ -14,7 +14,7 @@ mod receipts;
 mod schema;
 
 pub use chats::{floor_to_second, ChatRow, UserChatRow};
-pub use config::{Replication, StoreConfig};
+pub use config::{Consistency, Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
 pub use presence::{DeviceRow, PresenceRow};
@@ -22,6 +22,7 @@ pub use receipts::ReceiptRow;
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
 
 use futures::TryStreamExt;
+use scylla::client::execution_profile::ExecutionProfile;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
@@ -57,9 +58,18 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         nodes: cfg.nodes.join(","),
         detail,
     };
-    let builder = SessionBuilder::new()
+    // Every statement of the store runs with this profile's consistency
+    // (none sets its own).
+    let profile = ExecutionProfile::builder()
+        .consistency(cfg.consistency.to_driver())
+        .build();
+    let mut builder = SessionBuilder::new()
         .known_nodes(&cfg.nodes)
-        .connection_timeout(timeout);
+        .connection_timeout(timeout)
+        .default_execution_profile_handle(profile.into_handle());
+    if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+        builder = builder.user(user, password.expose());
+    }
     let session = match tokio::time::timeout(timeout, builder.build()).await {
         Ok(Ok(session)) => session,
         Ok(Err(e @ (NewSessionError::EmptyKnownNodesList | NewSessionError::IllegalConfig(_)))) => {
@@ -68,7 +78,7 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable(format!("no answer within {timeout:?}"))),
     };
-    tracing::info!(nodes = %cfg.nodes.join(","), keyspace = %cfg.keyspace, "connected to cassandra");
+    tracing::info!(nodes = %cfg.nodes.join(","), keyspace = %cfg.keyspace, consistency = ?cfg.consistency, "connected to cassandra");
     Ok(Store {
         session: Arc::new(session),
         keyspace: cfg.keyspace.clone(),

@@ -107,6 +107,7 @@ async fn main() -> anyhow::Result<()> {
             ("CHAT_LIMITS__MAX_GROUP_MEMBERS".into(), "1000".into()),
             ("RUST_LOG".into(), "warn".into()),
         ],
+        ..Options::default()
     };
     println!(
         "starting the platform: {} gateways (release build) ...",
