@@ -349,6 +349,24 @@ impl PartitionedConsumer {
     /// A partition this member lost meanwhile (a rebalance: the usual reason a
     /// transaction failed) cannot be sought; that is not an error, its new
     /// owner resumes from the committed offset.
+    /// The group's committed offset of `partition` (the next record to
+    /// process), or None when nothing was committed yet.
+    pub async fn committed_offset(&self, partition: i32) -> Result<Option<i64>, LogError> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        // committed_offsets blocks until the group coordinator answers.
+        let committed = tokio::task::spawn_blocking(move || {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(&topic, partition);
+            consumer.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| LogError::Config(e.to_string()))??;
+        Ok(committed.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
+    }
+
     pub async fn rewind(&mut self, partition: i32, offset: i64) -> Result<(), LogError> {
         self.warm.remove(&partition);
         self.drop_pending(partition);

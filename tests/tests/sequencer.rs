@@ -81,6 +81,7 @@ async fn collect(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_sequencers_assign_gap_free_seqs_dedupe_retries_and_refuse_non_members() {
+    chat_runtime::telemetry::init(chat_runtime::telemetry::LogFormat::Pretty);
     let log = TestLog::start("seq").await.unwrap();
     let (stop_a, task_a) = start_sequencer(&log).await;
     let (stop_b, task_b) = start_sequencer(&log).await;

@@ -157,15 +157,31 @@ pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<
         topics,
         metrics,
     });
-    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<(i32, i64)>();
-    let mut workers: HashMap<i32, tokio::sync::mpsc::Sender<Work>> = HashMap::new();
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<Failed>();
+    let mut workers: HashMap<i32, Worker> = HashMap::new();
+    let mut generation = 0u64;
     let token = shutdown.token();
     let linger = Duration::from_micros(config.batch_linger_us);
     loop {
         let batch = tokio::select! {
-            Some((p, offset)) = fail_rx.recv() => {
-                workers.remove(&p);
-                consumer.rewind(p, offset).await?;
+            Some(failed) = fail_rx.recv() => {
+                // Only the current task of a partition rewinds it: a task
+                // replaced meanwhile failed because its successor fenced it,
+                // and the successor reads from before its batch anyway.
+                // Rewinding for it would fence the successor in turn (two
+                // tasks of one partition fencing each other in a loop).
+                let current = workers
+                    .get(&failed.partition)
+                    .is_some_and(|w| w.generation == failed.generation);
+                if current {
+                    workers.remove(&failed.partition);
+                    if token.is_cancelled() {
+                        // Stopping: the next owner resumes from the
+                        // committed offset; nothing to read again here.
+                        break;
+                    }
+                    consumer.rewind(failed.partition, failed.offset).await?;
+                }
                 continue;
             }
             b = consumer.next_batch(config.batch_max, linger, &token) => match b? {
@@ -175,21 +191,57 @@ pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<
         };
         let p = batch.partition;
         if batch.fresh || !workers.contains_key(&p) {
+            // The partition was (re)assigned or rewound: let the task that
+            // held it finish its transaction before a new one fences it.
+            if let Some(old) = workers.remove(&p) {
+                old.finish().await;
+            }
+            // A new task starts exactly at the committed offset: a batch that
+            // begins later would skip commands whose transaction was aborted
+            // (seen after a rebalance that left the partition here: the
+            // consumer went on from where it had fetched).
+            let committed = consumer.committed_offset(p).await?.unwrap_or(0);
+            if batch.first_offset() > committed {
+                tracing::warn!(
+                    partition = p,
+                    from = batch.first_offset(),
+                    committed,
+                    "a fresh batch starts after the committed offset; reading from there"
+                );
+                consumer.rewind(p, committed).await?;
+                continue;
+            }
+            generation += 1;
             let (tx, rx) = tokio::sync::mpsc::channel(8);
-            tokio::spawn(partition_task(ctx.clone(), p, rx, fail_tx.clone()));
-            workers.insert(p, tx);
+            let task = tokio::spawn(partition_task(
+                ctx.clone(),
+                p,
+                generation,
+                rx,
+                fail_tx.clone(),
+            ));
+            workers.insert(
+                p,
+                Worker {
+                    generation,
+                    work: tx,
+                    task,
+                },
+            );
         }
         let Some(group) = consumer.group_metadata() else {
             continue;
         };
-        if let Some(tx) = workers.get(&p) {
+        if let Some(w) = workers.get(&p) {
             // A closed channel means the task failed; its report rewinds p.
-            let _ = tx.send(Work { batch, group }).await;
+            let _ = w.work.send(Work { batch, group }).await;
         }
     }
     tracing::info!("sequencer stopping");
     // Closing the channels lets every task finish its batch and exit.
-    workers.clear();
+    for (_, w) in workers.drain() {
+        w.finish().await;
+    }
     admin.await.ok();
     Ok(())
 }
@@ -200,6 +252,31 @@ struct PartitionCtx {
     registry: Arc<SchemaRegistry>,
     topics: Topics,
     metrics: Metrics,
+}
+
+/// The task that owns a partition, and which one it is.
+struct Worker {
+    /// Tells a task's failure report from an earlier task's of the same
+    /// partition.
+    generation: u64,
+    work: tokio::sync::mpsc::Sender<Work>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Lets the task finish what it holds (its channel closes) and waits
+    /// for it, at most a transaction's timeout.
+    async fn finish(self) {
+        drop(self.work);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+    }
+}
+
+/// A partition task's failure: read `partition` again from `offset`.
+struct Failed {
+    partition: i32,
+    generation: u64,
+    offset: i64,
 }
 
 /// One batch for a partition task.
@@ -214,8 +291,9 @@ struct Work {
 async fn partition_task(
     ctx: Arc<PartitionCtx>,
     p: i32,
+    generation: u64,
     mut rx: tokio::sync::mpsc::Receiver<Work>,
-    fail: tokio::sync::mpsc::UnboundedSender<(i32, i64)>,
+    fail: tokio::sync::mpsc::UnboundedSender<Failed>,
 ) {
     let mut owned: Option<Owned> = None;
     let most = ctx.config.batch_max.max(1) * 4;
@@ -250,7 +328,11 @@ async fn partition_task(
                     tracing::warn!(partition = p, error = %e, "batch not committed; rebuilding and retrying");
                     ctx.metrics.aborted.inc();
                 }
-                let _ = fail.send((p, first));
+                let _ = fail.send(Failed {
+                    partition: p,
+                    generation,
+                    offset: first,
+                });
                 return;
             }
         }
