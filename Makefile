@@ -43,9 +43,10 @@ cluster-down:
 cluster-status:
 	@infra/stack.sh cluster-status
 
-## test-faults: SIGKILL a Kafka broker under load (tests/tests/faults_broker.rs) on the 3-broker
-## cluster; starts the cluster if it is not up and stops it again if it started it. Needs the dev
-## stack (registry, Cassandra: make infra-up).
+## test-faults: the fault suite, one test at a time: SIGKILL a Kafka broker under load on the
+## 3-broker cluster (tests/tests/faults_broker.rs) and a reconnect storm of 2,000 devices through
+## two routers (tests/tests/faults_reconnect.rs); starts the cluster if it is not up and stops it
+## again if it started it. Needs the dev stack (registry, Cassandra: make infra-up).
 test-faults:
 	@for port in $${CHAT_REGISTRY_PORT:-8081} $${CHAT_CQL_PORT:-9042}; do \
 	  (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null || { echo "test-faults needs the dev stack (nothing on port $$port): make infra-up" >&2; exit 1; }; \
@@ -53,7 +54,7 @@ test-faults:
 	$(CARGO) build --locked --bins -p chat-sequencer -p chat-router -p chat-projectors -p chat-gateway
 	@started=0; \
 	if ! infra/stack.sh cluster-status >/dev/null 2>&1; then infra/stack.sh cluster-up || exit 1; started=1; fi; \
-	$(CARGO) test --locked -p chat-tests --test faults_broker -- --nocapture; rc=$$?; \
+	$(CARGO) test --locked -p chat-tests --test faults_broker --test faults_reconnect -- --ignored --nocapture --test-threads=1; rc=$$?; \
 	if [ $$started = 1 ]; then infra/stack.sh cluster-down; fi; \
 	exit $$rc
 

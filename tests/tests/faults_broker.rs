@@ -267,16 +267,15 @@ fn longest_gap(mut times: Vec<Duration>, from: Duration, to: Duration) -> (Durat
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fault suite on the 3-broker cluster: `make test-faults` runs it"]
 async fn a_killed_broker_loses_duplicates_and_reorders_no_acknowledged_message() {
     let brokers = cluster();
     let first: std::net::SocketAddr = brokers.split(',').next().unwrap().parse().unwrap();
-    if std::net::TcpStream::connect_timeout(&first, Duration::from_secs(1)).is_err() {
-        eprintln!(
-            "SKIPPED faults_broker: the 3-broker cluster is not running (nothing at {first}). \
-             Start it with `make cluster-up`, or run `make test-faults`."
-        );
-        return;
-    }
+    assert!(
+        std::net::TcpStream::connect_timeout(&first, Duration::from_secs(1)).is_ok(),
+        "the 3-broker cluster is not running (nothing at {first}): start it with \
+         `make cluster-up`, or run `make test-faults`"
+    );
     let t_start = Instant::now();
     let p = Platform::start_with(
         "faults",
