@@ -8,6 +8,7 @@ use chat_log::{
 use chat_runtime::telemetry::LogFormat;
 use chat_runtime::{now_ms, Health, Shutdown};
 use chat_schemas::{Body, Envelope, SessionRouted};
+use chat_sequencer::rebuild::fold_partition;
 use chat_sequencer::state::{FoldError, PartitionState, RebuildError};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -444,48 +445,8 @@ async fn rebuild(
     p: i32,
     until: i64,
 ) -> anyhow::Result<PartitionState> {
-    let tail = TopicTail::open(
-        config,
-        registry,
-        events_topic,
-        Some(vec![p]),
-        TailStart::Beginning,
-    )
-    .await?;
-    let mut state = PartitionState::default();
-    let mut failed: Option<RebuildError> = None;
-    tail.read_until(&HashMap::from([(p, until)]), |item| {
-        if failed.is_some() {
-            return;
-        }
-        match item {
-            TailItem::Event(ev) => {
-                if let Err(source) = state.apply(&ev.envelope) {
-                    failed = Some(RebuildError::Fold {
-                        partition: ev.partition,
-                        offset: ev.offset,
-                        source,
-                    });
-                }
-            }
-            TailItem::Undecodable {
-                partition,
-                offset,
-                error,
-            } => {
-                failed = Some(RebuildError::Undecodable {
-                    partition,
-                    offset,
-                    error,
-                })
-            }
-        }
-    })
-    .await?;
-    if let Some(e) = failed {
-        e.log("router");
-        return Err(e.into());
-    }
+    let (state, _) =
+        fold_partition(config, registry, events_topic, p, Some(until), "router").await?;
     Ok(state)
 }
 

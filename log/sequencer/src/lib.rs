@@ -19,6 +19,7 @@
 //! Not here: delivery (the router), storage (the projectors).
 #![forbid(unsafe_code)]
 
+pub mod rebuild;
 pub mod state;
 pub mod worker;
 

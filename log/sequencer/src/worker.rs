@@ -2,8 +2,7 @@
 
 use chat_log::{
     deliveries_partition, BatchRecord, LogConfig, OutRecord, Outgoing, PartitionedConsumer,
-    SchemaRegistry, TailItem, TailStart, TopicTail, Topics, TxnProducer, HEADER_GATEWAY_ID,
-    HEADER_RECIPIENTS,
+    SchemaRegistry, Topics, TxnProducer, HEADER_GATEWAY_ID, HEADER_RECIPIENTS,
 };
 use chat_runtime::telemetry::LogFormat;
 use chat_runtime::{now_ms, Health, Shutdown};
@@ -430,60 +429,15 @@ async fn sequence_and_commit(
     }
 }
 
-/// The fold of partition `p` of `chat.events` as committed now. Fails
-/// (logged at error level) when the partition does not fold: a seq that is
-/// not its chat's last + 1, or an event that cannot be decoded.
+/// The fold of partition `p` of `chat.events` as committed now, and the
+/// offset of its newest event.
 async fn rebuild(
     config: &LogConfig,
     registry: Arc<SchemaRegistry>,
     events_topic: &str,
     p: i32,
 ) -> anyhow::Result<(PartitionState, Option<i64>)> {
-    let tail = TopicTail::open(
-        config,
-        registry,
-        events_topic,
-        Some(vec![p]),
-        TailStart::Beginning,
-    )
-    .await?;
-    let mut state = PartitionState::default();
-    let mut newest = None;
-    let mut failed: Option<RebuildError> = None;
-    tail.read_to_end(|item| {
-        if failed.is_some() {
-            return;
-        }
-        match item {
-            TailItem::Event(ev) => match state.apply(&ev.envelope) {
-                Ok(()) => newest = Some(ev.offset),
-                Err(source) => {
-                    failed = Some(RebuildError::Fold {
-                        partition: ev.partition,
-                        offset: ev.offset,
-                        source,
-                    })
-                }
-            },
-            TailItem::Undecodable {
-                partition,
-                offset,
-                error,
-            } => {
-                failed = Some(RebuildError::Undecodable {
-                    partition,
-                    offset,
-                    error,
-                })
-            }
-        }
-    })
-    .await?;
-    if let Some(e) = failed {
-        e.log("sequencer");
-        return Err(e.into());
-    }
-    Ok((state, newest))
+    crate::rebuild::fold_partition(config, registry, events_topic, p, None, "sequencer").await
 }
 
 /// What a batch appends: events (and dead letters) first, then the results,
