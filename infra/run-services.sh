@@ -19,7 +19,8 @@ stop() {
 trap stop EXIT INT TERM
 
 for svc in chat-sequencer chat-router chat-history chat-presence; do
-  "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
+  # The sequencer's and router's state stores persist here across restarts.
+  CHAT_STATE__DIR=${CHAT_STATE__DIR:-$RUN/state/$svc} "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
   pids+=($!)
   echo "started $svc (pid $!), log: $LOGS/$svc.log"
 done

@@ -60,6 +60,18 @@ pub struct LogConfig {
     /// How long a start-up check waits for Kafka or the registry before it
     /// reports them unreachable.
     pub connect_timeout_ms: u64,
+    /// Static membership of the partitioned consumer groups (sequencer,
+    /// router): this instance's `group.instance.id`, stable across its
+    /// restarts and unique among the instances of one service (e.g. the
+    /// pod's name). A restarted member gets its partitions back without a
+    /// rebalance if it rejoins within `session_timeout_ms`; meanwhile they
+    /// wait for it. Empty: dynamic membership (a stop hands the partitions
+    /// over at once).
+    pub group_instance_id: String,
+    /// Consumer `session.timeout.ms` of the partitioned consumer groups: how
+    /// long a member that stopped heartbeating keeps its partitions. With
+    /// static membership, make it longer than a restart.
+    pub session_timeout_ms: u32,
 }
 
 impl Default for LogConfig {
@@ -81,6 +93,8 @@ impl Default for LogConfig {
             linger_ms: 0,
             fetch_wait_max_ms: 100,
             connect_timeout_ms: 5_000,
+            group_instance_id: String::new(),
+            session_timeout_ms: 10_000,
         }
     }
 }

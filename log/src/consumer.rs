@@ -392,3 +392,126 @@ pub async fn read_raw(
     }
     Ok(out)
 }
+
+/// Reads partition `partition` of `topic` (committed records only) from
+/// `from` (`None`: its beginning) up to its end as of this call, handing each
+/// record to `f` in offset order. Returns that end (the next offset to be
+/// written). No consumer group is joined and nothing is committed: this is
+/// how a state store is restored from its changelog.
+pub async fn read_partition_raw(
+    config: &LogConfig,
+    topic: &str,
+    partition: i32,
+    from: Option<i64>,
+    mut f: impl FnMut(RawRecord),
+) -> Result<i64, LogError> {
+    use rdkafka::{Offset, TopicPartitionList};
+    crate::topics::check_topics_exist(config, &[topic.to_string()]).await?;
+    let consumer: StreamConsumer = base_client_config(config)
+        .set("group.id", format!("raw-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .create()?;
+    let consumer = Arc::new(consumer);
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let end = {
+        let (c, t) = (consumer.clone(), topic.to_string());
+        tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, partition, timeout))
+            .await
+            .map_err(|e| LogError::Config(e.to_string()))?
+            .map_err(LogError::Kafka)?
+            .1
+    };
+    let mut tpl = TopicPartitionList::new();
+    let start = from.map_or(Offset::Beginning, Offset::Offset);
+    tpl.add_partition_offset(topic, partition, start)?;
+    consumer.assign(&tpl)?;
+    let reached = |c: &StreamConsumer| -> Result<bool, LogError> {
+        let position = c.position()?;
+        Ok(position
+            .find_partition(topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .is_some_and(|o| o >= end))
+    };
+    if end <= from.unwrap_or(0) {
+        return Ok(end);
+    }
+    loop {
+        // Only the wait is bounded: a message is owned once `recv` returns.
+        let wait = Duration::from_millis(200);
+        match tokio::time::timeout(wait, recv_through_transient(&consumer)).await {
+            Ok(msg) => {
+                let msg = msg?;
+                if msg.offset() >= end {
+                    return Ok(end);
+                }
+                f(RawRecord {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().unwrap_or_default().to_vec(),
+                    headers: owned_headers(&msg),
+                });
+                if msg.offset() + 1 >= end {
+                    return Ok(end);
+                }
+            }
+            // Control records (transaction markers) move the position
+            // without a message.
+            Err(_) if reached(&consumer)? => return Ok(end),
+            Err(_) => {}
+        }
+    }
+}
+
+/// The earliest offset of `topic`'s `partition` whose record timestamp is at
+/// or after `ts_ms` (`None`: no such record, i.e. the partition's end).
+pub async fn offset_for_time(
+    config: &LogConfig,
+    topic: &str,
+    partition: i32,
+    ts_ms: i64,
+) -> Result<Option<i64>, LogError> {
+    use rdkafka::{Offset, TopicPartitionList};
+    let consumer: StreamConsumer = base_client_config(config)
+        .set("group.id", format!("raw-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(ts_ms))?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let found = tokio::task::spawn_blocking(move || consumer.offsets_for_times(tpl, timeout))
+        .await
+        .map_err(|e| LogError::Config(e.to_string()))?
+        .map_err(LogError::Kafka)?;
+    Ok(found
+        .find_partition(topic, partition)
+        .and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
+}
+
+/// The end (next offset to be written) of `topic`'s `partition` now.
+pub async fn high_watermark(
+    config: &LogConfig,
+    topic: &str,
+    partition: i32,
+) -> Result<i64, LogError> {
+    let consumer: StreamConsumer = base_client_config(config)
+        .set("group.id", format!("raw-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    let t = topic.to_string();
+    tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&t, partition, timeout))
+        .await
+        .map_err(|e| LogError::Config(e.to_string()))?
+        .map(|(_, high)| high)
+        .map_err(LogError::Kafka)
+}

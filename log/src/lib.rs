@@ -39,7 +39,10 @@ pub mod tail;
 pub mod topics;
 
 pub use config::{LogConfig, SecurityProtocol};
-pub use consumer::{read_raw, ConsumedEvent, EventConsumer, HandlerError, RawRecord};
+pub use consumer::{
+    offset_for_time, read_partition_raw, read_raw, ConsumedEvent, EventConsumer, HandlerError,
+    RawRecord,
+};
 pub use error::LogError;
 pub use partitioned::{Batch, BatchRecord, OutRecord, PartitionedConsumer, TxnError, TxnProducer};
 pub use producer::{EventProducer, Outgoing, Produced};

@@ -185,16 +185,24 @@ impl PartitionedConsumer {
     ) -> Result<Self, LogError> {
         check_brokers(config).await?;
         check_topics_exist(config, &[topic.to_string()]).await?;
-        let consumer: StreamConsumer<Tracking> = base_client_config(config)
+        let mut client = base_client_config(config);
+        client
             .set("group.id", group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000")
-            .create_with_context(Tracking::default())?;
+            // Incremental rebalances: a member joining or leaving moves only
+            // the partitions that change owner; the others keep their state
+            // and are not revoked.
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("session.timeout.ms", config.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", "1000");
+        if !config.group_instance_id.is_empty() {
+            client.set("group.instance.id", &config.group_instance_id);
+        }
+        let consumer: StreamConsumer<Tracking> = client.create_with_context(Tracking::default())?;
         consumer.subscribe(&[topic])?;
         Ok(Self {
             consumer: Arc::new(consumer),
@@ -450,6 +458,8 @@ pub enum OutRecord {
     /// Bytes kept as they were (dead-lettering), with headers.
     Raw {
         topic: String,
+        /// `None`: the producer's partitioner picks (by key).
+        partition: Option<i32>,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
         headers: Vec<(String, Vec<u8>)>,
@@ -639,6 +649,7 @@ impl TxnProducer {
                 }
                 OutRecord::Raw {
                     topic,
+                    partition,
                     key,
                     payload,
                     headers,
@@ -650,7 +661,7 @@ impl TxnProducer {
                             value: Some(v),
                         });
                     }
-                    (topic, None, key, payload, h)
+                    (topic, partition, key, payload, h)
                 }
             });
         }

@@ -195,6 +195,29 @@ impl EventProducer {
         }
     }
 
+    /// Appends `(key, payload)` records to one partition of `topic` and waits
+    /// for every acknowledgement (a state store's changelog). In order: the
+    /// producer is idempotent.
+    pub async fn send_raw_batch(
+        &self,
+        topic: &str,
+        partition: i32,
+        records: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), LogError> {
+        let mut pending = Vec::with_capacity(records.len());
+        for (key, payload) in records {
+            let record = FutureRecord::to(topic)
+                .partition(partition)
+                .key(key)
+                .payload(payload);
+            pending.push(self.inner.send(record, Timeout::Never));
+        }
+        for d in futures::future::join_all(pending).await {
+            d.map_err(|(e, _)| from_kafka(e, topic))?;
+        }
+        Ok(())
+    }
+
     /// Waits until every queued record was acknowledged, up to `timeout`.
     pub async fn flush(&self, timeout: Duration) -> Result<(), LogError> {
         let inner = self.inner.clone();

@@ -13,6 +13,8 @@
 //! | `chat.results` | gateway id | the sequencer's `CommandResult`s (acks), apart from deliveries so an open sequencer transaction never holds back live events |
 //! | `chat.push` | user id | push tasks for users with no live session |
 //! | `chat.dlq` | original key | records that could not be decoded or handled, with their origin in headers |
+//! | `chat.sequencer-state` | chat id / `@applied` | the sequencer's state store changelog (compacted; not Avro: see `chat_sequencer::store`) |
+//! | `chat.router-state` | chat id / `@applied` | the router's membership store changelog (compacted; not Avro) |
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -55,6 +57,10 @@ pub struct Topics {
     pub results: String,
     pub push: String,
     pub dlq: String,
+    /// Changelog of the sequencer's state store (partition = `chat.events` partition).
+    pub sequencer_state: String,
+    /// Changelog of the router's membership store (partition = `chat.events` partition).
+    pub router_state: String,
     chat_partitions: i32,
 }
 
@@ -72,6 +78,8 @@ impl Topics {
             results: format!("{p}chat.results"),
             push: format!("{p}chat.push"),
             dlq: format!("{p}chat.dlq"),
+            sequencer_state: format!("{p}chat.sequencer-state"),
+            router_state: format!("{p}chat.router-state"),
             chat_partitions: config.chat_partitions,
         }
     }
@@ -98,13 +106,20 @@ impl Topics {
             spec(&self.results, chat, "delete", DAY_MS, true),
             spec(&self.push, chat, "delete", 7 * DAY_MS, true),
             spec(&self.dlq, 1, "delete", 30 * DAY_MS, true),
+            spec(&self.sequencer_state, chat, "compact", -1, true),
+            spec(&self.router_state, chat, "compact", -1, true),
         ]
     }
 
-    /// Topics whose records are [`chat_schemas::Envelope`]s (all of them: the
-    /// dead-letter topic keeps the original bytes, which are envelopes too).
+    /// Topics whose records are [`chat_schemas::Envelope`]s (all but the
+    /// state stores' changelogs: the dead-letter topic keeps the original
+    /// bytes, which are envelopes too).
     pub fn envelope_topics(&self) -> Vec<String> {
-        self.specs().into_iter().map(|s| s.name).collect()
+        self.specs()
+            .into_iter()
+            .map(|s| s.name)
+            .filter(|n| *n != self.sequencer_state && *n != self.router_state)
+            .collect()
     }
 }
 

@@ -328,3 +328,31 @@ pub fn third_party_python() -> anyhow::Result<PathBuf> {
 }
 
 pub use chat_runtime::now_ms;
+
+/// A loopback address with a port free now (for an in-process service's
+/// admin endpoint, whose `/metrics` a test reads).
+pub fn free_addr() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr")
+}
+
+/// The sum of the samples of `name` (with `{labels}` when given, e.g.
+/// `source="local"`) in the Prometheus text at `http://<admin>/metrics`.
+pub async fn metric(admin: std::net::SocketAddr, name: &str, labels: Option<&str>) -> f64 {
+    let text = match reqwest::get(format!("http://{admin}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => return 0.0,
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, l) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let wanted = n == name && labels.is_none_or(|want| l.split(',').any(|x| x == want));
+            wanted.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

@@ -71,6 +71,9 @@ pub struct Options {
     pub gateway_env: Vec<(String, String)>,
     /// Extra environment for the presence services (e.g. `CHAT_GATEWAY_TTL_MS`).
     pub presence_env: Vec<(String, String)>,
+    /// Extra environment for the sequencers and routers (e.g.
+    /// `CHAT_STATE__CACHE_CHATS`).
+    pub worker_env: Vec<(String, String)>,
     /// Kafka bootstrap servers instead of `CHAT_LOG__BROKERS` / the dev
     /// stack's (e.g. the 3-broker cluster of `infra/stack.sh cluster-up`).
     pub brokers: Option<String>,
@@ -78,6 +81,9 @@ pub struct Options {
     pub replication_factor: i32,
     /// `min.insync.replicas` of the test's acknowledged topics.
     pub min_insync_replicas: i32,
+    /// Which workers `workers` counts (all four by default; a benchmark of
+    /// the sequencer and router alone leaves out the projectors).
+    pub worker_roles: Vec<Role>,
 }
 
 impl Default for Options {
@@ -88,9 +94,11 @@ impl Default for Options {
             profile: "debug",
             gateway_env: Vec::new(),
             presence_env: Vec::new(),
+            worker_env: Vec::new(),
             brokers: None,
             replication_factor: 1,
             min_insync_replicas: 1,
+            worker_roles: vec![Role::Sequencer, Role::Router, Role::History, Role::Presence],
         }
     }
 }
@@ -190,7 +198,7 @@ impl Platform {
             options,
         };
         for i in 0..workers {
-            for role in [Role::Sequencer, Role::Router, Role::History, Role::Presence] {
+            for role in me.options.worker_roles.clone() {
                 me.add(role, i)?;
             }
         }
@@ -235,8 +243,12 @@ impl Platform {
             Role::Sequencer => {
                 env.push(("CHAT_GROUP_ID".into(), format!("{prefix}sequencer")));
                 env.push(("CHAT_TRANSACTIONAL_PREFIX".into(), format!("{prefix}seq")));
+                env.extend(self.options.worker_env.iter().cloned());
             }
-            Role::Router => env.push(("CHAT_GROUP_ID".into(), format!("{prefix}router"))),
+            Role::Router => {
+                env.push(("CHAT_GROUP_ID".into(), format!("{prefix}router")));
+                env.extend(self.options.worker_env.iter().cloned());
+            }
             Role::History => {
                 env.push(("CHAT_GROUP_ID".into(), format!("{prefix}history")));
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
@@ -286,7 +298,10 @@ impl Platform {
             .append(true)
             .open(self.logs.join(format!("{}.log", p.name)))?;
         let mut cmd = Command::new(binary(p.role.bin(), self.options.profile)?);
-        cmd.envs(p.env.iter().cloned())
+        // Each process keeps its state store across restarts, as a
+        // deployment with a volume per instance does.
+        cmd.env("CHAT_STATE__DIR", self.logs.join("state").join(&p.name))
+            .envs(p.env.iter().cloned())
             .env(
                 "RUST_LOG",
                 std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -357,6 +372,19 @@ impl Platform {
         let idx = self.index(role, i);
         self.spawn(idx)?;
         self.wait_healthy(idx).await
+    }
+
+    /// The admin address (`/health`, `/metrics`) of process `i` of `role`.
+    pub fn admin(&self, role: Role, i: usize) -> SocketAddr {
+        self.procs[self.index(role, i)].admin
+    }
+
+    /// The state-store directory of process `i` of `role` (kept across its
+    /// restarts; remove it to restart as a new host would).
+    pub fn state_dir(&self, role: Role, i: usize) -> PathBuf {
+        self.logs
+            .join("state")
+            .join(&self.procs[self.index(role, i)].name)
     }
 
     /// Process ids of the running processes of `role`.

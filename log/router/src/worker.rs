@@ -8,8 +8,8 @@ use chat_log::{
 use chat_runtime::telemetry::LogFormat;
 use chat_runtime::{now_ms, Health, Shutdown};
 use chat_schemas::{Body, Envelope, SessionRouted};
-use chat_sequencer::rebuild::fold_partition;
 use chat_sequencer::state::{FoldError, PartitionState, RebuildError};
+use chat_sequencer::store::{changelog_records, restore, Applied, RestoreCtx, StateConfig, Store};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
@@ -34,6 +34,8 @@ pub struct RouterConfig {
     pub batch_max: usize,
     /// How long a batch waits for more events after the first, in microseconds.
     pub batch_linger_us: u64,
+    /// The membership store (`state.dir`, `state.cache_chats`, ...).
+    pub state: StateConfig,
     /// Log line format: `pretty` or `json`.
     pub log_format: LogFormat,
     /// Kafka and the registry.
@@ -56,6 +58,7 @@ impl Default for RouterConfig {
             group_id: "router".into(),
             batch_max: 500,
             batch_linger_us: 500,
+            state: StateConfig::default(),
             log_format: LogFormat::Pretty,
             log: LogConfig::default(),
         }
@@ -67,6 +70,8 @@ struct Metrics {
     events: Counter,
     deliveries: Counter,
     sessions: Gauge,
+    restores: prometheus_client::metrics::family::Family<Vec<(String, String)>, Counter>,
+    restore_events: Counter,
 }
 
 /// Runs one router instance until `shutdown`.
@@ -84,6 +89,16 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         "deliveries",
         "Delivery records written (one per gateway per event)",
         metrics.deliveries.clone(),
+    );
+    reg.register(
+        "state_restores",
+        "Partition memberships restored, by source: local (the store, caught up from the log), changelog, log (offset 0)",
+        metrics.restores.clone(),
+    );
+    reg.register(
+        "state_restore_events",
+        "Events of chat.events read by restores",
+        metrics.restore_events.clone(),
     );
     reg.register(
         "sessions_users",
@@ -178,24 +193,71 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
     ));
     let token = shutdown.token();
     let linger = Duration::from_micros(config.batch_linger_us);
+    let restore_ctx = RestoreCtx {
+        log: config.log.clone(),
+        registry: registry.clone(),
+        events_topic: topics.events.clone(),
+        changelog_topic: topics.router_state.clone(),
+        routing: true,
+        window_ms: None,
+        catch_up_max_events: config.state.catch_up_max_events,
+        cache_chats: config.state.cache_chats,
+        who: "router",
+    };
+    let state_dir = config.state.dir("router");
+    // Each partition's store (opened once per process) and the offset its
+    // membership is folded up to: a fresh batch that starts there (the
+    // partition stayed here through a rebalance) needs no restore.
+    let mut stores: HashMap<i32, Arc<Store>> = HashMap::new();
+    let mut folded_to: HashMap<i32, Applied> = HashMap::new();
     while let Some(batch) = consumer
         .next_batch(config.batch_max, linger, &token)
         .await?
     {
         let p = batch.partition;
         let known = lock(&members).contains_key(&p);
-        if batch.fresh || !known {
-            let rebuilt = rebuild(
-                &config.log,
-                registry.clone(),
-                &topics.events,
-                p,
-                batch.first_offset(),
-            )
-            .await;
-            match rebuilt {
-                Ok(state) => {
-                    lock(&members).insert(p, state);
+        let in_place = folded_to
+            .get(&p)
+            .is_some_and(|a| a.next == batch.first_offset());
+        if !known || (batch.fresh && !in_place) {
+            let store = match stores.get(&p) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(Store::open(&state_dir, &topics.router_state, p, None)?);
+                    stores.insert(p, s.clone());
+                    s
+                }
+            };
+            let restored = restore(&restore_ctx, &store, p, Some(batch.first_offset())).await;
+            match restored {
+                Ok(r) => {
+                    metrics
+                        .restores
+                        .get_or_create(&vec![("source".into(), r.source.label().into())])
+                        .inc();
+                    metrics.restore_events.inc_by(r.events_read);
+                    tracing::info!(
+                        partition = p,
+                        source = r.source.label(),
+                        events_read = r.events_read,
+                        changelog_records = r.changelog_records,
+                        next_offset = r.applied.next,
+                        ms = r.elapsed.as_millis() as u64,
+                        "partition membership restored"
+                    );
+                    let next = r.applied.next;
+                    lock(&members).insert(p, r.state);
+                    folded_to.insert(p, r.applied);
+                    if next > batch.first_offset() {
+                        // The store is ahead of the committed offset (a crash
+                        // between the two): those events were routed; go on
+                        // after them.
+                        if let Ok(mut s) = sessions.lock() {
+                            s.routed(p, next);
+                        }
+                        consumer.rewind(p, next).await?;
+                        continue;
+                    }
                     // After a failed batch (rewound), p is routed again from here.
                     if let Ok(mut s) = sessions.lock() {
                         s.routed(p, batch.first_offset());
@@ -209,6 +271,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
                         return Err(e);
                     }
                     unroute(&members, &sessions, p);
+                    folded_to.remove(&p);
                     consumer.rewind(p, batch.first_offset()).await?;
                     tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
                     continue;
@@ -217,6 +280,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         }
         let mut out = Vec::new();
         let mut refused = None;
+        let mut newest = None;
         {
             let mut guard = lock(&members);
             let Some(state) = guard.get_mut(&p) else {
@@ -235,6 +299,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
                     }
                 };
                 metrics.events.inc();
+                newest = Some((ev.offset, *ev.envelope.event_id.as_bytes()));
                 let routed = route(
                     &ev.envelope,
                     state,
@@ -261,20 +326,36 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             // the same way, loudly, until the log is repaired).
             e.log("router");
             unroute(&members, &sessions, p);
+            folded_to.remove(&p);
             consumer.rewind(p, batch.first_offset()).await?;
             tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
             continue;
         }
         let n = out.len() as u64;
+        let mark = Applied {
+            next: batch.next_offset(),
+            newest: newest.or(folded_to.get(&p).and_then(|a| a.newest)),
+        };
         let sent = producer.send_batch(out).await;
-        match sent {
+        // Delivered: the changed chats and the mark go to the changelog, then
+        // to the store, then the offset is committed (a crash in between
+        // leaves the store ahead, never behind, of the committed offset).
+        let stored = match sent {
             Ok(_) => {
                 metrics.deliveries.inc_by(n);
+                checkpoint(&members, &stores, &producer, &topics, p, mark, &config).await
+            }
+            Err(e) => Err(anyhow::anyhow!(e)),
+        };
+        match stored {
+            Ok(()) => {
+                folded_to.insert(p, mark);
                 consumer.commit_offset_async(p, batch.next_offset())?;
             }
             Err(e) => {
                 tracing::warn!(partition = p, error = %e, "routing failed; retrying the batch");
                 unroute(&members, &sessions, p);
+                folded_to.remove(&p);
                 consumer.rewind(p, batch.first_offset()).await?;
             }
         }
@@ -353,8 +434,11 @@ async fn follow_ephemeral(
             continue;
         }
         let recipients: Vec<String> = {
-            let guard = lock(&members);
-            let Some(state) = guard.get(&ev.partition).and_then(|s| s.chat(&chat)) else {
+            let mut guard = lock(&members);
+            let Some(state) = guard
+                .get_mut(&ev.partition)
+                .and_then(|s| s.load_chat(&chat))
+            else {
                 continue;
             };
             if !state.members.contains_key(&e.sender_user) {
@@ -435,19 +519,42 @@ fn route(
     Ok(())
 }
 
-/// Membership of the chats of partition `p` as of offset `until` (exclusive).
-/// Fails (logged at error level) when the partition does not fold: a seq
-/// that is not its chat's last + 1, or an event that cannot be decoded.
-async fn rebuild(
-    config: &LogConfig,
-    registry: Arc<SchemaRegistry>,
-    events_topic: &str,
+/// Writes what the batch changed in partition `p`'s membership to the
+/// changelog and the store, with the mark `mark`.
+async fn checkpoint(
+    members: &Members,
+    stores: &HashMap<i32, Arc<Store>>,
+    producer: &EventProducer,
+    topics: &Topics,
     p: i32,
-    until: i64,
-) -> anyhow::Result<PartitionState> {
-    let (state, _) =
-        fold_partition(config, registry, events_topic, p, Some(until), "router").await?;
-    Ok(state)
+    mark: Applied,
+    config: &RouterConfig,
+) -> anyhow::Result<()> {
+    let Some(store) = stores.get(&p) else {
+        anyhow::bail!("partition {p} has no store");
+    };
+    let records = {
+        let guard = lock(members);
+        let Some(state) = guard.get(&p) else {
+            anyhow::bail!("partition {p} has no membership");
+        };
+        if let Some(e) = state.store_failure() {
+            anyhow::bail!("state store: {e}");
+        }
+        changelog_records(state.dirty_chats(), Some(mark))
+    };
+    producer
+        .send_raw_batch(&topics.router_state, p, &records)
+        .await?;
+    let mut guard = lock(members);
+    let Some(state) = guard.get_mut(&p) else {
+        anyhow::bail!("partition {p} has no membership");
+    };
+    if !store.write(&state.take_changes(), mark)? {
+        anyhow::bail!("partition {p}: the store is ahead of this batch");
+    }
+    state.evict(config.state.cache_chats);
+    Ok(())
 }
 
 /// What a session-registry record asks of the router besides updating it.

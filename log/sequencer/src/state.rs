@@ -3,11 +3,19 @@
 //!
 //! The state is a fold of `chat.events` (one partition): for every chat its
 //! kind, members with roles, last seq and member limit, and every
-//! (chat, sender, device, client message id) already sequenced with its seq.
-//! Dedupe therefore lasts as long as the log is kept, not a window.
+//! (chat, sender, device, client message id) sequenced within the dedupe
+//! window with its seq.
 //!
 //! The delivery router folds the same events with [`PartitionState::apply`]
-//! to know each chat's members at each seq.
+//! to know each chat's members at each seq ([`PartitionState::for_routing`]:
+//! no read/delivery pointers, no dedupe index).
+//!
+//! **Bounded memory.** The maps here are a cache over a [`Backing`] store
+//! (`crate::store`): a chat or dedupe entry not in memory is loaded from it
+//! before a command or event touches it. What a fold changes is marked
+//! dirty until [`PartitionState::take_changes`] hands it to the store;
+//! [`PartitionState::evict`] then drops clean entries past the cache's size.
+//! Without a backing (tests, tools) everything stays in memory.
 //!
 //! The fold refuses what cannot be a gap-free log: an event whose `seq` is
 //! not its chat's `last_seq + 1` (a `ChatCreated` of a new chat is seq 1;
@@ -21,7 +29,8 @@ use chat_schemas::{
     direct_chat_id, Body, ChatCreated, ChatKind, ChatMember, CommandOutcome, Envelope,
     RemovalReason, Role,
 };
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use uuid::Uuid;
 
 /// Limits the sequencer enforces (the gateway checks sizes too; this is the
@@ -66,14 +75,56 @@ impl ChatState {
     }
 }
 
-type DedupeKey = (Uuid, String, String, String);
+/// (chat, sender user, sender device, client message id).
+pub type DedupeKey = (Uuid, String, String, String);
+
+/// What the dedupe index keeps of a sequenced command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Deduped {
+    /// The seq it got.
+    pub seq: u64,
+    /// The event id of the command (a replay after a rebalance has the same).
+    pub event_id: Uuid,
+    /// When it was sequenced (ms since the epoch): the window is counted from here.
+    pub at_ms: i64,
+}
+
+/// Where chats and dedupe entries not in memory are read from.
+/// A failure to read is an error, never "absent": a chat read as absent
+/// could be created a second time.
+pub trait Backing: Send + Sync + std::fmt::Debug {
+    fn chat(&self, chat: &Uuid) -> Result<Option<ChatState>, String>;
+    fn dedupe(&self, key: &DedupeKey) -> Result<Option<Deduped>, String>;
+}
+
+/// What a fold changed since the last [`PartitionState::take_changes`].
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    pub chats: Vec<(Uuid, ChatState)>,
+    pub dedupe: Vec<(DedupeKey, Deduped)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.chats.is_empty() && self.dedupe.is_empty()
+    }
+}
 
 /// The fold of one partition of `chat.events`.
 #[derive(Clone, Debug, Default)]
 pub struct PartitionState {
     chats: HashMap<Uuid, ChatState>,
-    /// Per dedupe key: the seq, and the event id of the command that got it.
-    dedupe: HashMap<DedupeKey, (u64, Uuid)>,
+    /// Per dedupe key: the seq, the event id of the command that got it, when.
+    dedupe: HashMap<DedupeKey, Deduped>,
+    backing: Option<Arc<dyn Backing>>,
+    /// Only what routing needs: no pointers, no dedupe index.
+    routing: bool,
+    /// How long a client message id dedupes (None: forever).
+    dedupe_window_ms: Option<i64>,
+    dirty: HashSet<Uuid>,
+    new_dedupe: Vec<(DedupeKey, Deduped)>,
+    /// The backing store could not be read: nothing decided since counts.
+    failed: Option<String>,
 }
 
 /// Why [`PartitionState::apply`] refused an event: the events folded so far
@@ -98,6 +149,9 @@ pub enum FoldError {
         found: u64,
         last_seq: u64,
     },
+    /// The chat's state could not be read from the state store.
+    #[error("chat {chat}: the state store cannot be read: {error}")]
+    Store { chat: Uuid, error: String },
 }
 
 impl FoldError {
@@ -105,7 +159,8 @@ impl FoldError {
         match self {
             FoldError::SeqGap { chat, .. }
             | FoldError::NotCreated { chat, .. }
-            | FoldError::CreatedTwice { chat, .. } => *chat,
+            | FoldError::CreatedTwice { chat, .. }
+            | FoldError::Store { chat, .. } => *chat,
         }
     }
 
@@ -113,7 +168,7 @@ impl FoldError {
     pub fn expected(&self) -> u64 {
         match self {
             FoldError::SeqGap { expected, .. } => *expected,
-            FoldError::NotCreated { .. } => 1,
+            FoldError::NotCreated { .. } | FoldError::Store { .. } => 1,
             FoldError::CreatedTwice { last_seq, .. } => last_seq + 1,
         }
     }
@@ -122,7 +177,7 @@ impl FoldError {
     pub fn found(&self) -> u64 {
         match self {
             FoldError::SeqGap { found, .. } | FoldError::CreatedTwice { found, .. } => *found,
-            FoldError::NotCreated { .. } => 1,
+            FoldError::NotCreated { .. } | FoldError::Store { .. } => 1,
         }
     }
 }
@@ -223,12 +278,150 @@ fn dedupe_key(e: &Envelope) -> Option<DedupeKey> {
 }
 
 impl PartitionState {
+    /// A state whose chats and dedupe entries live in `backing`, cached here.
+    pub fn backed(backing: Arc<dyn Backing>, dedupe_window_ms: Option<i64>) -> Self {
+        Self {
+            backing: Some(backing),
+            dedupe_window_ms,
+            ..Self::default()
+        }
+    }
+
+    /// The router's fold: members, kind and last seq only.
+    pub fn for_routing(backing: Option<Arc<dyn Backing>>) -> Self {
+        Self {
+            backing,
+            routing: true,
+            ..Self::default()
+        }
+    }
+
+    /// The chat as the state holds it, if it is in memory (see [`Self::load_chat`]).
     pub fn chat(&self, chat: &Uuid) -> Option<&ChatState> {
         self.chats.get(chat)
     }
 
+    /// The chat, loaded from the backing store if it is not in memory.
+    pub fn load_chat(&mut self, chat: &Uuid) -> Option<&ChatState> {
+        self.load(Some(*chat), None);
+        self.chats.get(chat)
+    }
+
+    /// Chats in memory (all of them without a backing store).
     pub fn chats(&self) -> usize {
         self.chats.len()
+    }
+
+    /// Brings `chat` and `key` into memory from the backing store.
+    fn load(&mut self, chat: Option<Uuid>, key: Option<&DedupeKey>) {
+        use std::collections::hash_map::Entry;
+        let Some(backing) = &self.backing else { return };
+        let mut failed = None;
+        if let Some(c) = chat {
+            if let Entry::Vacant(slot) = self.chats.entry(c) {
+                match backing.chat(&c) {
+                    Ok(Some(state)) => {
+                        slot.insert(state);
+                    }
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+        }
+        if let Some(k) = key {
+            if !self.dedupe.contains_key(k) {
+                match backing.dedupe(k) {
+                    Ok(Some(d)) => {
+                        self.dedupe.insert(k.clone(), d);
+                    }
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
+                }
+            }
+        }
+        if failed.is_some() {
+            self.failed = failed;
+        }
+    }
+
+    /// Why the backing store could not be read, if it could not: whatever
+    /// was decided since must not be committed.
+    pub fn store_failure(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    fn load_for(&mut self, ev: &Envelope) {
+        if self.backing.is_none() {
+            return;
+        }
+        let key = if self.routing { None } else { dedupe_key(ev) };
+        self.load(ev.chat_id, key.as_ref());
+    }
+
+    /// Whether a fold changed anything not handed out yet.
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty() || !self.new_dedupe.is_empty()
+    }
+
+    /// The chats changed since the last [`Self::take_changes`], as they are now.
+    pub fn dirty_chats(&self) -> impl Iterator<Item = (&Uuid, &ChatState)> {
+        self.dirty
+            .iter()
+            .filter_map(|c| self.chats.get(c).map(|s| (c, s)))
+    }
+
+    /// Hands out (and forgets) what changed: the store writes it.
+    pub fn take_changes(&mut self) -> Changes {
+        let chats = self
+            .dirty
+            .drain()
+            .filter_map(|c| self.chats.get(&c).map(|s| (c, s.clone())))
+            .collect();
+        Changes {
+            chats,
+            dedupe: std::mem::take(&mut self.new_dedupe),
+        }
+    }
+
+    /// With a backing store, drops unchanged chats once more than
+    /// `max_chats` are in memory, and unchanged dedupe entries once more
+    /// than `max_chats` of those are (a retry is rare: its lookup reads the
+    /// store).
+    pub fn evict(&mut self, max_chats: usize) {
+        if self.backing.is_none() {
+            return;
+        }
+        if self.chats.len() > max_chats {
+            let dirty = &self.dirty;
+            self.chats.retain(|c, _| dirty.contains(c));
+        }
+        if self.dedupe.len() > max_chats {
+            let fresh: HashSet<&DedupeKey> = self.new_dedupe.iter().map(|(k, _)| k).collect();
+            self.dedupe.retain(|k, _| fresh.contains(k));
+        }
+    }
+
+    /// Records only the dedupe entry of `ev` (restoring the window's entries
+    /// after the chats came from a changelog).
+    pub fn note_dedupe(&mut self, ev: &Envelope) {
+        if self.routing {
+            return;
+        }
+        if let (Some(key), Some(seq)) = (dedupe_key(ev), ev.seq) {
+            let d = Deduped {
+                seq,
+                event_id: ev.event_id,
+                at_ms: ev.sequenced_ts.unwrap_or(ev.server_ts),
+            };
+            self.dedupe.insert(key.clone(), d);
+            self.new_dedupe.push((key, d));
+        }
+    }
+
+    /// Whether a dedupe entry still dedupes at `now_ms`.
+    fn in_window(&self, d: &Deduped, now_ms: i64) -> bool {
+        self.dedupe_window_ms
+            .is_none_or(|w| d.at_ms >= now_ms.saturating_sub(w))
     }
 
     /// Folds one event of `chat.events` into the state: a sequenced event,
@@ -243,8 +436,19 @@ impl PartitionState {
         let Some(chat) = ev.chat_id else {
             return Ok(());
         };
+        self.load_for(ev);
+        if let Some(error) = &self.failed {
+            return Err(FoldError::Store {
+                chat,
+                error: error.clone(),
+            });
+        }
         if let Some((device, up_to)) = ev.body.receipt() {
+            if self.routing {
+                return Ok(());
+            }
             if let Some(state) = self.chats.get_mut(&chat) {
+                self.dirty.insert(chat);
                 let pointer = match device {
                     None => state.read.entry(ev.sender_user.clone()).or_default(),
                     Some(d) => state
@@ -258,9 +462,7 @@ impl PartitionState {
         }
         let Some(seq) = ev.seq else { return Ok(()) };
         self.check(chat, seq, &ev.body)?;
-        if let Some(key) = dedupe_key(ev) {
-            self.dedupe.insert(key, (seq, ev.event_id));
-        }
+        self.note_dedupe(ev);
         if let Body::ChatCreated(c) = &ev.body {
             self.chats.entry(chat).or_insert_with(|| ChatState {
                 kind: c.kind,
@@ -278,8 +480,10 @@ impl PartitionState {
         let Some(state) = self.chats.get_mut(&chat) else {
             return Ok(());
         };
+        self.dirty.insert(chat);
         state.last_seq = seq;
         match &ev.body {
+            Body::MessageSent(_) | Body::ChatCreated(_) if self.routing => {}
             Body::MessageSent(_) | Body::ChatCreated(_) => {
                 // What you send (or create) you have read.
                 let read = state.read.entry(ev.sender_user.clone()).or_default();
@@ -299,6 +503,20 @@ impl PartitionState {
             _ => {}
         }
         Ok(())
+    }
+
+    /// Like [`Self::apply`], but an event its chat already folded (seq at or
+    /// below the chat's last seq) is skipped, not refused: the router's
+    /// changelog is written outside a transaction, so after a crash a chat's
+    /// record may be ahead of the changelog's `@applied` mark.
+    pub fn apply_again(&mut self, ev: &Envelope) -> Result<(), FoldError> {
+        if let (Some(chat), Some(seq)) = (ev.chat_id, ev.seq) {
+            self.load_for(ev);
+            if self.chats.get(&chat).is_some_and(|c| seq <= c.last_seq) {
+                return Ok(());
+            }
+        }
+        self.apply(ev)
     }
 
     /// Whether an event with `seq` and `body` may follow what the state holds
@@ -335,6 +553,13 @@ impl PartitionState {
     /// Decides what to do with `cmd`; when it is appended, the state already
     /// includes it on return.
     pub fn sequence(&mut self, cmd: &Envelope, limits: &Limits, now_ms: i64) -> Decision {
+        self.load_for(cmd);
+        if let Some(e) = &self.failed {
+            return reject(
+                "unavailable",
+                format!("the state store cannot be read: {e}"),
+            );
+        }
         let decision = self.decide(cmd, limits, now_ms);
         if let Decision::Append(ev) = &decision {
             // `decide` appends the chat's last seq + 1 (1 for a new chat), so
@@ -350,19 +575,22 @@ impl PartitionState {
     /// event came from: the command was read again after a rebalance (its
     /// transaction committed after the new owner fetched the offsets), and
     /// its result was already sent. A client's retry has a new event id.
-    pub fn is_replay(&self, cmd: &Envelope) -> bool {
+    pub fn is_replay(&mut self, cmd: &Envelope) -> bool {
+        self.load_for(cmd);
         dedupe_key(cmd)
             .and_then(|k| self.dedupe.get(&k))
-            .is_some_and(|(_, id)| *id == cmd.event_id)
+            .is_some_and(|d| d.event_id == cmd.event_id)
     }
 
-    /// Decides without changing the state.
+    /// Decides without changing the state (from what is in memory: call
+    /// [`Self::sequence`], which loads what `cmd` needs).
     pub fn decide(&self, cmd: &Envelope, limits: &Limits, now_ms: i64) -> Decision {
         let Some(chat_id) = cmd.chat_id else {
             return reject("invalid", "a command needs a chat id");
         };
-        if let Some((seq, _)) = dedupe_key(cmd).and_then(|k| self.dedupe.get(&k)) {
-            return Decision::Duplicate { seq: *seq };
+        let deduped = dedupe_key(cmd).and_then(|k| self.dedupe.get(&k));
+        if let Some(d) = deduped.filter(|d| self.in_window(d, now_ms)) {
+            return Decision::Duplicate { seq: d.seq };
         }
         let append = |body: Body, seq: u64| {
             let mut ev = cmd.clone();
@@ -1208,6 +1436,117 @@ mod tests {
             proptest::prop_assert_eq!(at, i + 1);
             proptest::prop_assert_eq!(err.chat(), chat);
             proptest::prop_assert_eq!(err.found(), seq);
+        }
+    }
+
+    /// A store in memory, written with what `take_changes` hands out.
+    #[derive(Debug, Default)]
+    struct MemStore {
+        chats: std::sync::Mutex<HashMap<Uuid, ChatState>>,
+        dedupe: std::sync::Mutex<HashMap<DedupeKey, Deduped>>,
+    }
+
+    impl Backing for MemStore {
+        fn chat(&self, chat: &Uuid) -> Result<Option<ChatState>, String> {
+            Ok(self.chats.lock().unwrap().get(chat).cloned())
+        }
+        fn dedupe(&self, key: &DedupeKey) -> Result<Option<Deduped>, String> {
+            Ok(self.dedupe.lock().unwrap().get(key).copied())
+        }
+    }
+
+    impl MemStore {
+        fn write(&self, c: Changes) {
+            self.chats.lock().unwrap().extend(c.chats);
+            self.dedupe.lock().unwrap().extend(c.dedupe);
+        }
+    }
+
+    #[test]
+    fn a_retry_dedupes_within_the_window_only() {
+        let chat = Uuid::new_v4();
+        let l = Limits::default();
+        let store = Arc::new(MemStore::default());
+        let mut s = PartitionState::backed(store, Some(1_000));
+        s.sequence(&cmd(chat, "a", "c", group(&["b"])), &l, 10_000);
+        assert!(matches!(
+            s.sequence(&cmd(chat, "a", "m1", text("x")), &l, 10_000),
+            Decision::Append(_)
+        ));
+        assert_eq!(
+            s.sequence(&cmd(chat, "a", "m1", text("x")), &l, 10_999),
+            Decision::Duplicate { seq: 2 }
+        );
+        match s.sequence(&cmd(chat, "a", "m1", text("x")), &l, 11_001) {
+            Decision::Append(e) => assert_eq!(e.seq, Some(3)),
+            other => panic!("past the window a retry is a new command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_read_refuses_instead_of_guessing() {
+        #[derive(Debug)]
+        struct Broken;
+        impl Backing for Broken {
+            fn chat(&self, _: &Uuid) -> Result<Option<ChatState>, String> {
+                Err("disk gone".into())
+            }
+            fn dedupe(&self, _: &DedupeKey) -> Result<Option<Deduped>, String> {
+                Err("disk gone".into())
+            }
+        }
+        let chat = Uuid::new_v4();
+        let mut s = PartitionState::backed(Arc::new(Broken), None);
+        let d = s.sequence(&cmd(chat, "a", "c", group(&["b"])), &Limits::default(), 1);
+        assert!(
+            matches!(
+                d,
+                Decision::Reject {
+                    code: "unavailable",
+                    ..
+                }
+            ),
+            "{d:?}"
+        );
+        assert!(s.store_failure().is_some());
+    }
+
+    proptest::proptest! {
+        /// A state kept in a store and evicted from memory after every
+        /// command decides exactly as one kept whole in memory, and folds
+        /// the same chats.
+        #[test]
+        fn a_state_evicted_after_every_command_decides_like_one_in_memory(
+            ops in proptest::collection::vec((0usize..3, 0usize..3, 0u8..12, proptest::bool::ANY), 0..80),
+        ) {
+            let chats: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+            let (log, live) = random_log(&chats, &ops);
+            let store = Arc::new(MemStore::default());
+            let mut backed = PartitionState::backed(store.clone(), None);
+            for e in &log {
+                backed.apply(e).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+                store.write(backed.take_changes());
+                backed.evict(0);
+                proptest::prop_assert_eq!(backed.chats(), 0);
+            }
+            let l = Limits::default();
+            let mut whole = live.clone();
+            for (i, e) in log.iter().enumerate() {
+                // A retry of each logged command, and a new one after it.
+                let mut retry = e.clone();
+                retry.event_id = Uuid::new_v4();
+                retry.seq = None;
+                let fresh = cmd(e.chat_id.unwrap(), &e.sender_user, &format!("new{i}"), text("y"));
+                for c in [retry, fresh] {
+                    let (a, b) = (whole.sequence(&c, &l, 2), backed.sequence(&c, &l, 2));
+                    proptest::prop_assert_eq!(a, b);
+                    store.write(backed.take_changes());
+                    backed.evict(0);
+                }
+            }
+            for c in &chats {
+                proptest::prop_assert_eq!(backed.load_chat(c).cloned(), whole.chat(c).cloned());
+            }
         }
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::state::{Decision, Limits, PartitionState, RebuildError};
+use crate::store::{changelog_records, restore, Applied, RestoreCtx, StateConfig, Store};
 
 /// The sequencer's config (`chat-sequencer --help` lists every key).
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -36,6 +37,12 @@ pub struct SequencerConfig {
     pub batch_linger_us: u64,
     /// Group size and text limits.
     pub limits: Limits,
+    /// How long a `client_msg_id` dedupes, in seconds (PROTOCOL.md: a retry
+    /// within the window is answered `duplicate`; after it, it is a new
+    /// command). 0: forever. Default 7 days.
+    pub dedupe_window_secs: u64,
+    /// The state store (`state.dir`, `state.cache_chats`, ...).
+    pub state: StateConfig,
     /// Log line format: `pretty` or `json`.
     pub log_format: LogFormat,
     /// Kafka and the registry.
@@ -51,6 +58,20 @@ impl chat_runtime::ServiceConfig for SequencerConfig {
     }
 }
 
+impl SequencerConfig {
+    /// The dedupe window in ms (None: forever).
+    pub fn dedupe_window_ms(&self) -> Option<i64> {
+        match self.dedupe_window_secs {
+            0 => None,
+            s => Some(
+                i64::try_from(s)
+                    .unwrap_or(i64::MAX / 1000)
+                    .saturating_mul(1000),
+            ),
+        }
+    }
+}
+
 impl Default for SequencerConfig {
     fn default() -> Self {
         Self {
@@ -60,6 +81,8 @@ impl Default for SequencerConfig {
             batch_max: 500,
             batch_linger_us: 500,
             limits: Limits::default(),
+            dedupe_window_secs: 7 * 24 * 3600,
+            state: StateConfig::default(),
             log_format: LogFormat::Pretty,
             log: LogConfig::default(),
         }
@@ -71,6 +94,9 @@ impl Default for SequencerConfig {
 struct Metrics {
     commands: Family<Vec<(String, String)>, Counter>,
     rebuilds: Counter,
+    restores: Family<Vec<(String, String)>, Counter>,
+    restore_events: Counter,
+    restore_seconds: Histogram,
     failed_rebuilds: Counter,
     aborted: Counter,
     replays: Counter,
@@ -82,6 +108,9 @@ impl Default for Metrics {
         Self {
             commands: Family::default(),
             rebuilds: Counter::default(),
+            restores: Family::default(),
+            restore_events: Counter::default(),
+            restore_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
             failed_rebuilds: Counter::default(),
             aborted: Counter::default(),
             replays: Counter::default(),
@@ -104,8 +133,23 @@ impl Metrics {
         );
         r.register(
             "rebuilds",
-            "Partition states rebuilt from chat.events",
+            "Partition states rebuilt from chat.events offset 0 (no state store, no changelog)",
             self.rebuilds.clone(),
+        );
+        r.register(
+            "state_restores",
+            "Partition states restored, by source: local (the store, caught up from the log), changelog, log (offset 0)",
+            self.restores.clone(),
+        );
+        r.register(
+            "state_restore_events",
+            "Events of chat.events read by restores",
+            self.restore_events.clone(),
+        );
+        r.register(
+            "state_restore_seconds",
+            "Time to restore a partition's state",
+            self.restore_seconds.clone(),
         );
         r.register(
             "failed_rebuilds",
@@ -150,11 +194,25 @@ pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<
     // concurrently, each in order. A task that fails reports the offset to
     // read its partition again from, and the next batch of it starts a new
     // task (fence, rebuild).
+    let restore_ctx = RestoreCtx {
+        log: config.log.clone(),
+        registry: registry.clone(),
+        events_topic: topics.events.clone(),
+        changelog_topic: topics.sequencer_state.clone(),
+        routing: false,
+        window_ms: config.dedupe_window_ms(),
+        catch_up_max_events: config.state.catch_up_max_events,
+        cache_chats: config.state.cache_chats,
+        who: "sequencer",
+    };
     let ctx = Arc::new(PartitionCtx {
         config: config.clone(),
         registry,
         topics,
         metrics,
+        restore: restore_ctx,
+        state_dir: config.state.dir("sequencer"),
+        stores: std::sync::Mutex::new(HashMap::new()),
     });
     let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<Failed>();
     let mut workers: HashMap<i32, Worker> = HashMap::new();
@@ -251,6 +309,28 @@ struct PartitionCtx {
     registry: Arc<SchemaRegistry>,
     topics: Topics,
     metrics: Metrics,
+    restore: RestoreCtx,
+    state_dir: std::path::PathBuf,
+    /// Each partition's store, opened once per process (a file is opened
+    /// by one handle at a time).
+    stores: std::sync::Mutex<HashMap<i32, Arc<Store>>>,
+}
+
+impl PartitionCtx {
+    fn store(&self, p: i32) -> anyhow::Result<Arc<Store>> {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = stores.get(&p) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Store::open(
+            &self.state_dir,
+            &self.topics.sequencer_state,
+            p,
+            self.config.dedupe_window_ms(),
+        )?);
+        stores.insert(p, s.clone());
+        Ok(s)
+    }
 }
 
 /// The task that owns a partition, and which one it is.
@@ -346,9 +426,11 @@ const REBUILD_RETRY_PAUSE: Duration = Duration::from_secs(2);
 struct Owned {
     producer: TxnProducer,
     state: PartitionState,
-    /// Offset of the newest event in the partition of `chat.events`: a
-    /// duplicate's answer names it (the original event is at or before it).
-    newest: Option<i64>,
+    store: Arc<Store>,
+    /// How far the state has folded the partition; the offset of its newest
+    /// event is what a duplicate's answer names (the original event is at
+    /// or before it).
+    applied: Applied,
 }
 
 async fn sequence_and_commit(
@@ -369,23 +451,38 @@ async fn sequence_and_commit(
             p,
         )
         .await?;
-        let (state, newest) = rebuild(&config.log, ctx.registry.clone(), &topics.events, p).await?;
-        metrics.rebuilds.inc();
+        let store = ctx.store(p)?;
+        let r = restore(&ctx.restore, &store, p, None).await?;
+        if r.source == crate::store::Source::Log {
+            metrics.rebuilds.inc();
+        }
+        metrics
+            .restores
+            .get_or_create(&vec![("source".into(), r.source.label().into())])
+            .inc();
+        metrics.restore_events.inc_by(r.events_read);
+        metrics.restore_seconds.observe(r.elapsed.as_secs_f64());
         tracing::info!(
             partition = p,
-            chats = state.chats(),
-            "partition state rebuilt"
+            source = r.source.label(),
+            events_read = r.events_read,
+            changelog_records = r.changelog_records,
+            next_offset = r.applied.next,
+            ms = r.elapsed.as_millis() as u64,
+            "partition state restored"
         );
         *owned = Some(Owned {
             producer,
-            state,
-            newest,
+            state: r.state,
+            store,
+            applied: r.applied,
         });
     }
     let Some(Owned {
         producer,
         state,
-        newest,
+        store,
+        applied,
     }) = owned.as_mut()
     else {
         anyhow::bail!("partition {p} has no state");
@@ -395,13 +492,47 @@ async fn sequence_and_commit(
         results,
         last_event,
     } = sequence_batch(&batch.records, state, config, topics, p, metrics);
+    if let Some(e) = state.store_failure() {
+        let e = anyhow::anyhow!("state store: {e}");
+        *owned = None;
+        return Err(e);
+    }
+    // The chats the batch changed go to the changelog in the same
+    // transaction, with the mark of the batch's last event.
+    let changed = changelog_records(state.dirty_chats(), None);
+    let last_event_id = last_event.and_then(|i| match &outputs[i] {
+        OutRecord::Envelope(o) => Some(*o.envelope.event_id.as_bytes()),
+        OutRecord::Raw { .. } => None,
+    });
+    let changelog = topics.sequencer_state.clone();
     let n = batch.records.len();
     let t0 = std::time::Instant::now();
-    let before = *newest;
+    let before = applied.newest_offset();
+    let mut mark = *applied;
     let committed = producer
         .commit_batch(
             outputs,
-            |positions| place_results(results, positions, before, p),
+            |positions| {
+                let mut out = place_results(results, positions, before, p);
+                let last = last_event.and_then(|i| positions.get(i));
+                if let (Some(at), Some(id)) = (last, last_event_id) {
+                    mark = Applied {
+                        next: at.offset + 1,
+                        newest: Some((at.offset, id)),
+                    };
+                    let records = changed
+                        .into_iter()
+                        .chain(changelog_records(std::iter::empty(), Some(mark)));
+                    out.extend(records.map(|(key, payload)| OutRecord::Raw {
+                        topic: changelog.clone(),
+                        partition: Some(p),
+                        key: Some(key),
+                        payload,
+                        headers: Vec::new(),
+                    }));
+                }
+                out
+            },
             batch.next_offset(),
             group,
         )
@@ -415,29 +546,30 @@ async fn sequence_and_commit(
     );
     // On failure the state already holds the batch's decisions: drop it
     // (the caller rewinds and a new task rebuilds from the log).
-    match committed {
-        Ok(positions) => {
-            if let Some(last) = last_event.and_then(|i| positions.get(i)) {
-                *newest = Some(last.offset);
-            }
+    // (A failed batch is undone by dropping the state: the store holds only
+    // committed batches, and the next task restores from it.)
+    if let Err(e) = committed {
+        *owned = None;
+        return Err(anyhow::anyhow!(e));
+    }
+    let stored = store.write(&state.take_changes(), mark);
+    match stored {
+        Ok(true) => {
+            *applied = mark;
+            state.evict(config.state.cache_chats);
             Ok(())
+        }
+        Ok(false) => {
+            *owned = None;
+            anyhow::bail!(
+                "partition {p}: the state store is ahead of this task (it lost the partition)"
+            )
         }
         Err(e) => {
             *owned = None;
-            Err(anyhow::anyhow!(e))
+            Err(e.into())
         }
     }
-}
-
-/// The fold of partition `p` of `chat.events` as committed now, and the
-/// offset of its newest event.
-async fn rebuild(
-    config: &LogConfig,
-    registry: Arc<SchemaRegistry>,
-    events_topic: &str,
-    p: i32,
-) -> anyhow::Result<(PartitionState, Option<i64>)> {
-    crate::rebuild::fold_partition(config, registry, events_topic, p, None, "sequencer").await
 }
 
 /// What a batch appends: events (and dead letters) first, then the results,
@@ -517,6 +649,7 @@ fn sequence_batch(
                 tracing::warn!(partition = p, offset, %error, "undecodable command dead-lettered");
                 out.push(OutRecord::Raw {
                     topic: topics.dlq.clone(),
+                    partition: None,
                     key: key.clone(),
                     payload: payload.clone(),
                     headers: vec![
