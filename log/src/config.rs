@@ -24,7 +24,8 @@ pub struct LogConfig {
     pub replication_factor: i32,
     /// Topic config `min.insync.replicas` of the topics that carry
     /// acknowledged data (`chat.commands`, `chat.events`, `chat.sessions`,
-    /// `chat.presence`, `chat.results`, `chat.push`, `chat.dlq`), set when
+    /// `chat.presence`, `chat.user-settings`, `chat.results`, `chat.push`,
+    /// `chat.dlq` and the state changelogs), set when
     /// `chat-admin topics` creates them: with `acks=all` a write is
     /// acknowledged only once this many replicas have it, and refused
     /// (`NOT_ENOUGH_REPLICAS`) while fewer are in sync. 1 on a single dev

@@ -368,7 +368,9 @@ mod tests {
                 "chat.user-settings",
                 "chat.results",
                 "chat.push",
-                "chat.dlq"
+                "chat.dlq",
+                "chat.sequencer-state",
+                "chat.router-state"
             ]
         );
     }

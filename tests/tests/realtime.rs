@@ -937,7 +937,12 @@ async fn read_pointers_only_move_forward_and_unread_counts_agree_on_every_device
     // Every device of ann reports the same unread count: last - pointer.
     let expected = last - pointer;
     for (name, dev) in [("phone", &mut phone), ("laptop", &mut laptop)] {
-        let (e, total) = chat_entry(dev, &chat, |e| e["unread"] == expected).await;
+        // Waits for the exact state asserted (a stale answer can show the
+        // same unread count with a lower last seq and read pointer).
+        let (e, total) = chat_entry(dev, &chat, |e| {
+            e["unread"] == expected && e["last_read_seq"] == pointer && e["last_seq"] == last
+        })
+        .await;
         assert_eq!(
             (&e["unread"], &e["last_read_seq"], &e["last_seq"]),
             (&json!(expected), &json!(pointer), &json!(last)),
