@@ -285,8 +285,10 @@ async fn a_rebalance_then_a_killed_original_loses_duplicates_and_reorders_nothin
     load.mark("SIGKILL the original router");
     p.kill(Role::Router, 0);
     tokio::time::sleep(AFTER).await;
-    let after_kill = survivors(&p, seq, router).await;
     let report = load.finish(&p, "rebalance", joined_at).await;
+    // Read once the load is over: a rebuild still under way right after
+    // the kill would be missed.
+    let after_kill = survivors(&p, seq, router).await;
     eprintln!("FAULTS rebalance: survivors before the kill: {before_kill}");
     eprintln!("FAULTS rebalance: survivors after the kill:  {after_kill}");
     eprintln!(
