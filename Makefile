@@ -43,10 +43,14 @@ cluster-down:
 cluster-status:
 	@infra/stack.sh cluster-status
 
-## test-faults: the fault suite, one test at a time: SIGKILL a Kafka broker under load on the
-## 3-broker cluster (tests/tests/faults_broker.rs) and a reconnect storm of 2,000 devices through
-## two routers (tests/tests/faults_reconnect.rs); starts the cluster if it is not up and stops it
-## again if it started it. Needs the dev stack (registry, Cassandra: make infra-up).
+## test-faults: the fault suite, one test at a time, each under continuous load on the 3-broker
+## cluster with the checker of tests/src/checker.rs: SIGKILL a Kafka broker (faults_broker.rs);
+## SIGKILL each service kind in turn, a stalled presence service, a rebalance of the sequencers and
+## routers (faults_services.rs); the dev stack's Cassandra stopped for 20 s (faults_cassandra.rs:
+## it stops the SHARED Cassandra of the stack whose run dir is CHAT_STACK_RUN_DIR, default .run,
+## and starts it again); then a reconnect storm of 2,000 devices through two routers
+## (faults_reconnect.rs). Starts the cluster if it is not up and stops it again if it started it.
+## Needs the dev stack (registry, Cassandra: make infra-up).
 test-faults:
 	@for port in $${CHAT_REGISTRY_PORT:-8081} $${CHAT_CQL_PORT:-9042}; do \
 	  (exec 3<>/dev/tcp/127.0.0.1/$$port) 2>/dev/null || { echo "test-faults needs the dev stack (nothing on port $$port): make infra-up" >&2; exit 1; }; \
@@ -54,7 +58,7 @@ test-faults:
 	$(CARGO) build --locked --bins -p chat-sequencer -p chat-router -p chat-projectors -p chat-gateway
 	@started=0; \
 	if ! infra/stack.sh cluster-status >/dev/null 2>&1; then infra/stack.sh cluster-up || exit 1; started=1; fi; \
-	$(CARGO) test --locked -p chat-tests --test faults_broker --test faults_reconnect -- --ignored --nocapture --test-threads=1; rc=$$?; \
+	$(CARGO) test --locked -p chat-tests --test faults_broker --test faults_services --test faults_cassandra --test faults_reconnect -- --ignored --nocapture --test-threads=1; rc=$$?; \
 	if [ $$started = 1 ]; then infra/stack.sh cluster-down; fi; \
 	exit $$rc
 

@@ -374,7 +374,19 @@ impl Platform {
         self.wait_healthy(idx).await
     }
 
-    /// The admin address (`/health`, `/metrics`) of process `i` of `role`.
+    /// Starts one more instance of `role` (the next index) with the same
+    /// settings as the others and waits until it is healthy; returns its
+    /// index (for `kill`, `restart`, `admin`).
+    pub async fn start_another(&mut self, role: Role) -> anyhow::Result<usize> {
+        let i = self.procs.iter().filter(|p| p.role == role).count();
+        self.add(role, i)?;
+        let idx = self.procs.len() - 1;
+        self.spawn(idx)?;
+        self.wait_healthy(idx).await?;
+        Ok(i)
+    }
+
+    /// The admin address (`/health`, `/metrics`) of instance `i` of `role`.
     pub fn admin(&self, role: Role, i: usize) -> SocketAddr {
         self.procs[self.index(role, i)].admin
     }
@@ -385,6 +397,11 @@ impl Platform {
         self.logs
             .join("state")
             .join(&self.procs[self.index(role, i)].name)
+    }
+
+    /// Where this test's process logs are written.
+    pub fn logs_dir(&self) -> &std::path::Path {
+        &self.logs
     }
 
     /// Process ids of the running processes of `role`.
@@ -399,6 +416,13 @@ impl Platform {
     /// The address clients connect to on gateway `i`.
     pub fn gateway(&self, i: usize) -> SocketAddr {
         self.procs[self.index(Role::Gateway, i)].admin
+    }
+
+    /// Every gateway's address, by index (a restarted gateway keeps its own).
+    pub fn gateways(&self) -> Vec<SocketAddr> {
+        (0..self.options.gateways)
+            .map(|i| self.gateway(i))
+            .collect()
     }
 
     /// A token from gateway 0's development login.
@@ -420,22 +444,7 @@ impl Platform {
     /// Connects `user`'s `device` to gateway `gw` and reads its `hello`.
     pub async fn connect(&self, gw: usize, user: &str, device: &str) -> anyhow::Result<Client> {
         let token = self.token(user, device).await?;
-        let (mut rx, tx) = ws::connect(
-            self.gateway(gw),
-            &format!("/ws?token={token}&device={device}"),
-            None,
-        )
-        .await?;
-        match rx.recv(Duration::from_secs(10)).await? {
-            Some(Incoming::Json(v)) if v["type"] == "hello" => {}
-            other => anyhow::bail!("expected hello, got {other:?}"),
-        }
-        Ok(Client {
-            rx,
-            tx,
-            next_id: 0,
-            pending: Default::default(),
-        })
+        Client::connect_to(self.gateway(gw), &token, device).await
     }
 
     /// Stops every process and drops the keyspace.
@@ -474,6 +483,28 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connects `device` with `token` (from any gateway's development
+    /// login) to the gateway at `addr` and reads its `hello`.
+    pub async fn connect_to(addr: SocketAddr, token: &str, device: &str) -> anyhow::Result<Self> {
+        let (mut rx, tx) =
+            ws::connect(addr, &format!("/ws?token={token}&device={device}"), None).await?;
+        match rx.recv(Duration::from_secs(10)).await? {
+            Some(Incoming::Json(v)) if v["type"] == "hello" => {}
+            other => anyhow::bail!("expected hello, got {other:?}"),
+        }
+        Ok(Client {
+            rx,
+            tx,
+            next_id: 0,
+            pending: Default::default(),
+        })
+    }
+
+    /// Takes every frame set aside by `request` or `sync` (in arrival order).
+    pub fn take_all_set_aside(&mut self) -> Vec<serde_json::Value> {
+        self.pending.drain(..).collect()
+    }
+
     /// Sends a request frame with a fresh `id` and waits for the frame that
     /// answers it (same id).
     pub async fn request(

@@ -92,7 +92,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
     );
     reg.register(
         "state_restores",
-        "Partition memberships restored, by source: local (the store, caught up from the log), changelog, log (offset 0)",
+        "Partition memberships restored, by source: local (the store, caught up from the log), changelog, log (offset 0: no changelog yet), empty (nothing to restore)",
         metrics.restores.clone(),
     );
     reg.register(

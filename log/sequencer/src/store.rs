@@ -487,7 +487,10 @@ pub fn changelog_records<'a>(
 pub enum Source {
     Local,
     Changelog,
+    /// Folded from offset 0 (no changelog yet).
     Log,
+    /// Nothing to restore: no changelog and no event.
+    Empty,
 }
 
 impl Source {
@@ -496,6 +499,7 @@ impl Source {
             Source::Local => "local",
             Source::Changelog => "changelog",
             Source::Log => "log",
+            Source::Empty => "empty",
         }
     }
 }
@@ -679,6 +683,10 @@ pub async fn restore(
         store.write(&state.take_changes(), applied)?;
     }
     state.evict(ctx.cache_chats);
+    let source = match source {
+        Source::Log if events_read == 0 => Source::Empty,
+        s => s,
+    };
     Ok(Restored {
         state,
         applied,

@@ -138,7 +138,7 @@ impl Metrics {
         );
         r.register(
             "state_restores",
-            "Partition states restored, by source: local (the store, caught up from the log), changelog, log (offset 0)",
+            "Partition states restored, by source: local (the store, caught up from the log), changelog, log (offset 0: no changelog yet), empty (nothing to restore)",
             self.restores.clone(),
         );
         r.register(
