@@ -161,7 +161,10 @@ async fn sequencer_restores_from_its_store_or_the_changelog_never_from_offset_0(
     assert!(results
         .values()
         .all(|r| r.outcome == CommandOutcome::Accepted));
-    assert!(a.restores("chat_sequencer", "empty").await >= 1.0, "new topics: nothing to restore");
+    assert!(
+        a.restores("chat_sequencer", "empty").await >= 1.0,
+        "new topics: nothing to restore"
+    );
     a.stop().await;
 
     // B: the same instance restarted (its store kept): restored locally
