@@ -70,8 +70,11 @@ pub struct LogConfig {
     /// over at once).
     pub group_instance_id: String,
     /// Consumer `session.timeout.ms` of the partitioned consumer groups: how
-    /// long a member that stopped heartbeating keeps its partitions. With
-    /// static membership, make it longer than a restart.
+    /// long a member that stopped heartbeating (killed, partitioned) keeps
+    /// its partitions, i.e. how long the chats of a killed sequencer wait.
+    /// Default 6 s, the brokers' default minimum (heartbeats come from
+    /// librdkafka's own thread, so a busy process does not miss them).
+    /// With static membership, make it longer than a restart.
     pub session_timeout_ms: u32,
 }
 
@@ -95,7 +98,7 @@ impl Default for LogConfig {
             fetch_wait_max_ms: 100,
             connect_timeout_ms: 5_000,
             group_instance_id: String::new(),
-            session_timeout_ms: 10_000,
+            session_timeout_ms: 6_000,
         }
     }
 }
