@@ -7,6 +7,7 @@
 //! overrides the services read, with the `make infra-up` defaults.
 
 pub mod checker;
+pub mod envelopes;
 pub mod platform;
 pub mod ws;
 
@@ -355,5 +356,5 @@ pub async fn metric(admin: std::net::SocketAddr, name: &str, labels: Option<&str
             let wanted = n == name && labels.is_none_or(|want| l.split(',').any(|x| x == want));
             wanted.then(|| value.parse::<f64>().ok()).flatten()
         })
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }

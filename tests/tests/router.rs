@@ -3,46 +3,10 @@
 
 use chat_log::{TailItem, TailStart, TopicTail, HEADER_RECIPIENTS};
 use chat_schemas::*;
+use chat_tests::envelopes::{event, session_opened as session};
 use chat_tests::TestLog;
 use std::time::Duration;
 use uuid::Uuid;
-
-fn event(chat: Uuid, seq: u64, user: &str, body: Body) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: Some(chat),
-        seq: Some(seq),
-        sender_user: user.into(),
-        sender_device: format!("{user}-d"),
-        client_msg_id: Some(format!("c{seq}")),
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: Some(2),
-        trace_id: "t".into(),
-        body,
-    }
-}
-
-fn session(user: &str, gateway: &str) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: None,
-        seq: None,
-        sender_user: user.into(),
-        sender_device: format!("{user}-d"),
-        client_msg_id: None,
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: None,
-        trace_id: "t".into(),
-        body: Body::SessionOpened(SessionOpened {
-            gateway_id: gateway.into(),
-            device_id: format!("{user}-d"),
-            session_id: Uuid::new_v4(),
-            opened_at: 1,
-        }),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_event_goes_once_to_each_gateway_holding_a_member() {

@@ -3,35 +3,11 @@
 
 use chat_log::{TailItem, TailStart, TopicTail, HEADER_GATEWAY_ID};
 use chat_schemas::*;
+use chat_tests::envelopes::{command, text};
 use chat_tests::TestLog;
 use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
-
-fn command(chat: Uuid, user: &str, msg: &str, body: Body) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: Some(chat),
-        seq: None,
-        sender_user: user.into(),
-        sender_device: format!("{user}-phone"),
-        client_msg_id: Some(msg.into()),
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: None,
-        trace_id: Uuid::new_v4().simple().to_string(),
-        body,
-    }
-}
-
-fn text(t: &str) -> Body {
-    Body::MessageSent(MessageSent {
-        kind: MessageKind::Text,
-        text: Some(t.into()),
-        media: None,
-        reply_to_seq: None,
-    })
-}
 
 async fn start_sequencer(
     log: &TestLog,

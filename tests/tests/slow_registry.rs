@@ -13,6 +13,7 @@ use chat_log::{
 };
 use chat_schemas::*;
 use chat_sequencer::state::PartitionState;
+use chat_tests::envelopes::{envelope, group, text};
 use chat_tests::TestLog;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -132,46 +133,6 @@ async fn relay(
     }
     let _ = client_write.shutdown().await;
     up.abort();
-}
-
-fn envelope(chat: Uuid, user: &str, msg: &str, seq: Option<u64>, body: Body) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: Some(chat),
-        seq,
-        sender_user: user.into(),
-        sender_device: format!("{user}-phone"),
-        client_msg_id: Some(msg.into()),
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: seq.map(|_| 1),
-        trace_id: Uuid::new_v4().simple().to_string(),
-        body,
-    }
-}
-
-fn group(members: &[&str]) -> Body {
-    Body::ChatCreated(ChatCreated {
-        kind: ChatKind::Group,
-        title: Some("slow".into()),
-        members: members
-            .iter()
-            .map(|u| ChatMember {
-                user_id: (*u).into(),
-                role: Role::Member,
-            })
-            .collect(),
-        max_members: 0,
-    })
-}
-
-fn text(t: &str) -> Body {
-    Body::MessageSent(MessageSent {
-        kind: MessageKind::Text,
-        text: Some(t.into()),
-        media: None,
-        reply_to_seq: None,
-    })
 }
 
 /// Appends a chat's sequenced log (ChatCreated, then messages: seqs 1..=n)

@@ -6,6 +6,7 @@
 
 use chat_log::{TailItem, TailStart, TopicTail, HEADER_GATEWAY_ID, HEADER_RECIPIENTS};
 use chat_schemas::*;
+use chat_tests::envelopes::{command, event, group, session_opened, text};
 use chat_tests::{free_addr, metric, TestLog};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -15,31 +16,6 @@ use uuid::Uuid;
 
 fn state_dir(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("chat-state-test-{name}-{}", Uuid::new_v4()))
-}
-
-fn command(chat: Uuid, user: &str, msg: &str, body: Body) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: Some(chat),
-        seq: None,
-        sender_user: user.into(),
-        sender_device: format!("{user}-phone"),
-        client_msg_id: Some(msg.into()),
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: None,
-        trace_id: Uuid::new_v4().simple().to_string(),
-        body,
-    }
-}
-
-fn text(t: &str) -> Body {
-    Body::MessageSent(MessageSent {
-        kind: MessageKind::Text,
-        text: Some(t.into()),
-        media: None,
-        reply_to_seq: None,
-    })
 }
 
 struct Running {
@@ -141,16 +117,7 @@ async fn sequencer_restores_from_its_store_or_the_changelog_never_from_offset_0(
     let a = start_sequencer(&log, &dir_a, 3600);
     let mut cmds = Vec::new();
     for c in &chats {
-        let create = Body::ChatCreated(ChatCreated {
-            kind: ChatKind::Group,
-            title: Some("t".into()),
-            members: vec![ChatMember {
-                user_id: "bob".into(),
-                role: Role::Member,
-            }],
-            max_members: 0,
-        });
-        cmds.push(command(*c, "ann", "create", create));
+        cmds.push(command(*c, "ann", "create", group(&["bob"])));
     }
     for i in 0..per_chat {
         for c in &chats {
@@ -250,43 +217,6 @@ async fn sequencer_restores_from_its_store_or_the_changelog_never_from_offset_0(
     }
 }
 
-fn event(chat: Uuid, seq: u64, body: Body) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: Some(chat),
-        seq: Some(seq),
-        sender_user: "ann".into(),
-        sender_device: "ann-d".into(),
-        client_msg_id: Some(format!("c{seq}")),
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: Some(2),
-        trace_id: "t".into(),
-        body,
-    }
-}
-
-fn session(user: &str, gateway: &str) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: None,
-        seq: None,
-        sender_user: user.into(),
-        sender_device: format!("{user}-d"),
-        client_msg_id: None,
-        client_ts: None,
-        server_ts: 1,
-        sequenced_ts: None,
-        trace_id: "t".into(),
-        body: Body::SessionOpened(SessionOpened {
-            gateway_id: gateway.into(),
-            device_id: format!("{user}-d"),
-            session_id: Uuid::new_v4(),
-            opened_at: 1,
-        }),
-    }
-}
-
 fn start_router(log: &TestLog, dir: &Path) -> Running {
     let admin = free_addr();
     let mut config = chat_router::RouterConfig {
@@ -382,7 +312,7 @@ async fn router_restores_membership_from_its_store_or_the_changelog() {
         ("dan", "gw-c"),
     ] {
         log.producer
-            .send(&log.topics.sessions, u, &session(u, g))
+            .send(&log.topics.sessions, u, &session_opened(u, g))
             .await
             .unwrap();
     }
@@ -411,10 +341,10 @@ async fn router_restores_membership_from_its_store_or_the_changelog() {
         reason: RemovalReason::Removed,
     });
     let first = vec![
-        event(chat, 1, created),
-        event(chat, 2, msg()),
-        event(chat, 3, removed),
-        event(chat, 4, msg()),
+        event(chat, 1, "ann", created),
+        event(chat, 2, "ann", msg()),
+        event(chat, 3, "ann", removed),
+        event(chat, 4, "ann", msg()),
     ];
     let got = route(&log, chat, first, 4, "gw-a").await;
     assert_eq!(
@@ -433,7 +363,7 @@ async fn router_restores_membership_from_its_store_or_the_changelog() {
 
     // R2: restarted with its store: cat is still removed, nothing re-read.
     let r2 = start_router(&log, &dir_a);
-    let got = route(&log, chat, vec![event(chat, 5, msg())], 5, "gw-a").await;
+    let got = route(&log, chat, vec![event(chat, 5, "ann", msg())], 5, "gw-a").await;
     assert!(
         got.contains(&("gw-a".into(), 5, "ann,bob".into()))
             && !got.iter().any(|(_, s, r)| *s == 5 && r.contains("cat")),
@@ -457,7 +387,7 @@ async fn router_restores_membership_from_its_store_or_the_changelog() {
     let got = route(
         &log,
         chat,
-        vec![event(chat, 6, added), event(chat, 7, msg())],
+        vec![event(chat, 6, "ann", added), event(chat, 7, "ann", msg())],
         7,
         "gw-c",
     )

@@ -17,9 +17,8 @@
 
 use anyhow::Context;
 use chat_log::{Outgoing, TailItem, TailStart, TopicTail};
-use chat_schemas::{
-    Body, ChatCreated, ChatKind, ChatMember, Envelope, MessageKind, MessageSent, SessionOpened,
-};
+use chat_schemas::Envelope;
+use chat_tests::envelopes::{command, group, session_opened, text};
 use chat_tests::metric;
 use chat_tests::platform::{Options, Platform, Role};
 use clap::Parser;
@@ -62,46 +61,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-fn command(chat: Uuid, user: &str, id: String, body: Body) -> Envelope {
-    Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: Some(chat),
-        seq: None,
-        sender_user: user.into(),
-        sender_device: format!("{user}-d"),
-        client_msg_id: Some(id),
-        client_ts: None,
-        server_ts: chat_runtime::now_ms(),
-        sequenced_ts: None,
-        trace_id: Uuid::new_v4().simple().to_string(),
-        body,
-    }
-}
-
-fn text(t: &str) -> Body {
-    Body::MessageSent(MessageSent {
-        kind: MessageKind::Text,
-        text: Some(t.into()),
-        media: None,
-        reply_to_seq: None,
-    })
-}
-
-fn group(members: &[&str]) -> Body {
-    Body::ChatCreated(ChatCreated {
-        kind: ChatKind::Group,
-        title: Some("bench".into()),
-        members: members
-            .iter()
-            .map(|u| ChatMember {
-                user_id: u.to_string(),
-                role: chat_schemas::Role::Member,
-            })
-            .collect(),
-        max_members: 0,
-    })
 }
 
 struct Bench {
@@ -187,7 +146,7 @@ impl Bench {
             .map(|(p, c)| {
                 self.outgoing(
                     Some(p as i32),
-                    command(*c, "ann", format!("probe-{round}"), text("probe")),
+                    command(*c, "ann", &format!("probe-{round}"), text("probe")),
                 )
             })
             .collect();
@@ -291,24 +250,7 @@ async fn main() -> anyhow::Result<()> {
     // `probe` has a session on gateway gw-bench: the router writes the
     // probes to its deliveries. The load chats' members have none.
     let log = &bench.platform.log;
-    let session = Envelope {
-        event_id: Uuid::new_v4(),
-        chat_id: None,
-        seq: None,
-        sender_user: "probe".into(),
-        sender_device: "probe-d".into(),
-        client_msg_id: None,
-        client_ts: None,
-        server_ts: chat_runtime::now_ms(),
-        sequenced_ts: None,
-        trace_id: "bench".into(),
-        body: Body::SessionOpened(SessionOpened {
-            gateway_id: "gw-bench".into(),
-            device_id: "probe-d".into(),
-            session_id: Uuid::new_v4(),
-            opened_at: chat_runtime::now_ms(),
-        }),
-    };
+    let session = session_opened("probe", "gw-bench");
     log.producer
         .send(&log.topics.sessions, "probe", &session)
         .await?;
@@ -319,7 +261,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|(p, c)| {
             bench.outgoing(
                 Some(p as i32),
-                command(*c, "ann", "create".into(), group(&["probe"])),
+                command(*c, "ann", "create", group(&["probe"])),
             )
         })
         .collect();
@@ -328,12 +270,7 @@ async fn main() -> anyhow::Result<()> {
     for part in chats.chunks(args.batch) {
         let creates = part
             .iter()
-            .map(|c| {
-                bench.outgoing(
-                    None,
-                    command(*c, "ann", "create".into(), group(&["bob", "cat"])),
-                )
-            })
+            .map(|c| bench.outgoing(None, command(*c, "ann", "create", group(&["bob", "cat"]))))
             .collect();
         bench.send(creates).await?;
     }
@@ -356,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
                     let user = ["ann", "bob", "cat"][((next_id + i) % 3) as usize];
                     bench.outgoing(
                         None,
-                        command(c, user, format!("m{}", next_id + i), text("load")),
+                        command(c, user, &format!("m{}", next_id + i), text("load")),
                     )
                 })
                 .collect();
