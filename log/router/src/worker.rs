@@ -223,7 +223,13 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             let store = match stores.get(&p) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = Arc::new(Store::open(&state_dir, &topics.router_state, p, None)?);
+                    let s = Arc::new(Store::open(
+                        &state_dir,
+                        &topics.router_state,
+                        p,
+                        None,
+                        config.state.store_cache_mib,
+                    )?);
                     stores.insert(p, s.clone());
                     s
                 }

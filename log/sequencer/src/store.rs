@@ -85,6 +85,9 @@ pub struct StateConfig {
     /// A local store further behind the log than this many offsets is not
     /// caught up from the log: the changelog is read instead.
     pub catch_up_max_events: i64,
+    /// The store's page cache per partition, MiB (redb's default is 1 GiB
+    /// per file, which would make memory follow the store's size).
+    pub store_cache_mib: usize,
 }
 
 impl Default for StateConfig {
@@ -93,6 +96,7 @@ impl Default for StateConfig {
             dir: PathBuf::new(),
             cache_chats: 50_000,
             catch_up_max_events: 200_000,
+            store_cache_mib: 16,
         }
     }
 }
@@ -153,6 +157,7 @@ impl Store {
         changelog_topic: &str,
         p: i32,
         window_ms: Option<i64>,
+        cache_mib: usize,
     ) -> Result<Self, StoreError> {
         let path = dir.join(format!("{changelog_topic}-{p}.redb"));
         let err = |e: &dyn std::fmt::Display| StoreError::Db {
@@ -160,7 +165,10 @@ impl Store {
             error: e.to_string(),
         };
         std::fs::create_dir_all(dir).map_err(|e| err(&e))?;
-        let db = Database::create(&path).map_err(|e| err(&e))?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_mib.max(1) * 1024 * 1024)
+            .create(&path)
+            .map_err(|e| err(&e))?;
         let me = Self {
             db,
             path,
@@ -820,7 +828,7 @@ mod tests {
 
     fn temp_store(window_ms: Option<i64>) -> (Store, PathBuf) {
         let dir = std::env::temp_dir().join(format!("chat-store-unit-{}", Uuid::new_v4()));
-        (Store::open(&dir, "t", 0, window_ms).unwrap(), dir)
+        (Store::open(&dir, "t", 0, window_ms, 4).unwrap(), dir)
     }
 
     fn chat() -> ChatState {
@@ -878,7 +886,7 @@ mod tests {
         assert_eq!(store.chat(&id).unwrap().map(|c| c.last_seq), Some(7));
         // Reopened (a restart): the same.
         drop(store);
-        let store = Store::open(&dir, "t", 0, None).unwrap();
+        let store = Store::open(&dir, "t", 0, None, 4).unwrap();
         assert_eq!(store.applied().unwrap(), Some(mark));
         assert_eq!(store.chat(&id).unwrap(), Some(chat()));
         store.reset().unwrap();

@@ -327,6 +327,7 @@ impl PartitionCtx {
             &self.topics.sequencer_state,
             p,
             self.config.dedupe_window_ms(),
+            self.config.state.store_cache_mib,
         )?);
         stores.insert(p, s.clone());
         Ok(s)

@@ -11,7 +11,8 @@
 //!   directory): the time from the start until a probe message to each
 //!   partition was sequenced, routed and written to a gateway's deliveries
 //!   ("serving"), the restore sources and events read again, RSS after;
-//! - one restart as a new host (state directories removed: the changelog).
+//! - one kill -9 and restart (same state directories), and one restart as
+//!   a new host (state directories removed: the changelog).
 //!
 //! `cargo run --release -p chat-tests --bin restore-bench -- --help`
 
@@ -114,10 +115,9 @@ impl Bench {
         (of(Role::Sequencer), of(Role::Router))
     }
 
-    /// Restarts both services (as a new host: without their state
-    /// directories) and measures the time until a probe to every partition
-    /// was delivered.
-    async fn restart(&mut self, new_host: bool) -> anyhow::Result<Measured> {
+    /// Restarts both services as `how` says and measures the time until a
+    /// probe to every partition was delivered.
+    async fn restart(&mut self, how: Restart) -> anyhow::Result<Measured> {
         let log = &self.platform.log;
         let tail = TopicTail::open(
             &log.config,
@@ -127,9 +127,14 @@ impl Bench {
             TailStart::End,
         )
         .await?;
-        self.platform.terminate(Role::Sequencer, 0)?;
-        self.platform.terminate(Role::Router, 0)?;
-        if new_host {
+        if how == Restart::Kill {
+            self.platform.kill(Role::Sequencer, 0);
+            self.platform.kill(Role::Router, 0);
+        } else {
+            self.platform.terminate(Role::Sequencer, 0)?;
+            self.platform.terminate(Role::Router, 0)?;
+        }
+        if how == Restart::NewHost {
             for r in [Role::Sequencer, Role::Router] {
                 let _ = std::fs::remove_dir_all(self.platform.state_dir(r, 0));
             }
@@ -202,6 +207,27 @@ impl Bench {
             rss_seq,
             rss_router,
         })
+    }
+}
+
+/// How the services are stopped before they start again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Restart {
+    /// SIGTERM, same state directory.
+    Clean,
+    /// SIGKILL, same state directory (the store's last second may be lost).
+    Kill,
+    /// SIGTERM, state directory removed: restored from the changelog.
+    NewHost,
+}
+
+impl Restart {
+    fn label(self) -> &'static str {
+        match self {
+            Restart::Clean => "clean restart (SIGTERM, same state dir)",
+            Restart::Kill => "kill -9 and restart (same state dir)",
+            Restart::NewHost => "restart as a new host (no state dir: changelog)",
+        }
     }
 }
 
@@ -328,22 +354,18 @@ async fn main() -> anyhow::Result<()> {
             rss_seq / 1024,
             rss_router / 1024
         );
-        let rounds: Vec<bool> = std::iter::repeat_n(false, args.rounds)
-            .chain([true])
+        let rounds: Vec<Restart> = std::iter::repeat_n(Restart::Clean, args.rounds)
+            .chain([Restart::Kill, Restart::NewHost])
             .collect();
-        for new_host in rounds {
-            let m = bench.restart(new_host).await?;
+        for how in rounds {
+            let m = bench.restart(how).await?;
             sent += u64::from(partitions as u32);
             let (seq, routed) = bench.progress().await;
             base_seq = sent as f64 - seq;
             base_routed = sent as f64 - routed;
             println!(
                 "| {sent} | {} | {:.2} | {} ({}) | {} ({}) | {:.2} | {} / {} |",
-                if new_host {
-                    "restart as a new host (no state dir: changelog)"
-                } else {
-                    "clean restart (SIGTERM, same state dir)"
-                },
+                how.label(),
                 m.serving.as_secs_f64(),
                 m.seq_sources,
                 m.seq_events_read,
