@@ -367,6 +367,9 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         }
     }
     tracing::info!("router stopping");
+    drop(lock(&members).drain());
+    drop(stores);
+    config.state.remove_if_temporary(&state_dir);
     sessions_task.abort();
     ephemeral_task.abort();
     producer.flush(Duration::from_secs(5)).await.ok();

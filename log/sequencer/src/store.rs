@@ -102,6 +102,14 @@ impl Default for StateConfig {
 }
 
 impl StateConfig {
+    /// Removes `dir` if it is the temporary directory of an instance
+    /// without a configured one (at shutdown: nothing restores from it).
+    pub fn remove_if_temporary(&self, dir: &Path) {
+        if self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     /// The directory to use (see [`StateConfig::dir`]).
     pub fn dir(&self, service: &str) -> PathBuf {
         if self.dir.as_os_str().is_empty() {

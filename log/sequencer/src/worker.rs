@@ -299,6 +299,9 @@ pub async fn run(config: SequencerConfig, shutdown: Shutdown) -> anyhow::Result<
     for (_, w) in workers.drain() {
         w.finish().await;
     }
+    // Closes the stores (their last writes made durable).
+    ctx.stores.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    config.state.remove_if_temporary(&ctx.state_dir);
     admin.await.ok();
     Ok(())
 }
