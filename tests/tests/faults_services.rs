@@ -24,7 +24,12 @@ use std::time::Duration;
 const WARMUP: Duration = Duration::from_secs(8);
 /// How long a killed service stays down.
 const DOWN: Duration = Duration::from_secs(5);
-const AFTER: Duration = Duration::from_secs(8);
+/// How long the load goes on after the last fault: longer than the
+/// consumer group's session timeout (10 s: a SIGKILLed sequencer keeps its
+/// partitions that long) plus a restore, so the rows see writes resume
+/// (at 8 s a CI run saw the rebalance row's writes resume 0.1 s after
+/// sending stopped).
+const AFTER: Duration = Duration::from_secs(20);
 
 /// Kills instance 0 of `role` (SIGKILL) under load, restarts it after
 /// [`DOWN`], keeps sending for [`AFTER`], checks.
