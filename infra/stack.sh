@@ -30,6 +30,7 @@ KAFKA_PORT=${CHAT_KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${CHAT_KAFKA_CONTROLLER_PORT:-9093}
 CQL_PORT=${CHAT_CQL_PORT:-9042}
 CASSANDRA_STORAGE_PORT=${CHAT_CASSANDRA_STORAGE_PORT:-7000}
+CASSANDRA_JMX_PORT=${CHAT_CASSANDRA_JMX_PORT:-7199}
 REGISTRY_PORT=${CHAT_REGISTRY_PORT:-8081}
 
 KAFKA_HOME="$CACHE/kafka-$KAFKA_VERSION"
@@ -342,7 +343,7 @@ start_cassandra() {
     -Dcassandra.config="file://$dir/conf/cassandra.yaml" \
     -Dlogback.configurationFile="$dir/conf/logback.xml" \
     -Dcassandra.logdir="$dir" -Dcassandra.storagedir="$dir/data" \
-    -Dcassandra-foreground=yes \
+    -Dcassandra-foreground=yes -Dcassandra.jmx.local.port="$CASSANDRA_JMX_PORT" \
     -cp "$CASSANDRA_HOME/lib/*" org.apache.cassandra.service.CassandraDaemon
 }
 
