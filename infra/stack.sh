@@ -142,7 +142,10 @@ kafka_java() {
   "${KAFKA_JAVA[@]}" "$@"
 }
 
-KAFKA_JAVA=(java -Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+# The broker's heap and collector (CHAT_KAFKA_JVM_OPTS overrides them; see
+# infra/conf/README.md for the measurement behind the default).
+read -r -a KAFKA_JVM_OPTS <<<"${CHAT_KAFKA_JVM_OPTS:--Xms256m -Xmx768m -XX:+UseG1GC -XX:MaxGCPauseMillis=20}"
+KAFKA_JAVA=(java "${KAFKA_JVM_OPTS[@]}" -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$INFRA/conf/log4j2-kafka.properties" -Dkafka.logs.dir="$RUN/kafka" \
     -cp "$KAFKA_HOME/lib/*")
 

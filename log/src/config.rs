@@ -50,14 +50,28 @@ pub struct LogConfig {
     pub ssl_certificate_location: Option<String>,
     /// The client's private key, PEM file (`ssl.key.location`).
     pub ssl_key_location: Option<String>,
-    /// Producer `linger.ms`: how long a batch may wait for more records. 0 keeps
-    /// one hop's latency lowest; raise it for throughput.
+    /// Producer `linger.ms` of the non-transactional producers (gateway
+    /// commands and sessions, router deliveries, presence): how long a batch
+    /// may wait for more records. 0 sends each record at once, but
+    /// librdkafka's broker thread then polls in a tight loop while requests
+    /// are in flight (profiled: about half of the router's CPU and 45% of the
+    /// gateway's under load); see ARCHITECTURE.md "Measured".
     pub linger_ms: u32,
+    /// `linger.ms` of the sequencer's transactional producers. Each phase of
+    /// a transaction is produced at once and awaited, so a linger only
+    /// delays it.
+    pub txn_linger_ms: u32,
     /// Consumer `fetch.wait.max.ms`: how long the broker may hold a fetch
     /// when no data is there. The broker answers as soon as data arrives, so
     /// this does not add latency (measured: same p50 at 5 and 100 ms); low
     /// values only add idle fetch requests and CPU.
     pub fetch_wait_max_ms: u32,
+    /// Consumer `fetch.min.bytes`: the broker holds a fetch (at most
+    /// `fetch_wait_max_ms`) until this much data is there. 1 answers at once
+    /// (lowest latency, one fetch request per consumer per round trip under
+    /// load); larger values trade up to `fetch_wait_max_ms` of latency per hop
+    /// for fewer, fuller fetches.
+    pub fetch_min_bytes: u32,
     /// How long a start-up check waits for Kafka or the registry before it
     /// reports them unreachable.
     pub connect_timeout_ms: u64,
@@ -96,8 +110,10 @@ impl Default for LogConfig {
             ssl_ca_location: None,
             ssl_certificate_location: None,
             ssl_key_location: None,
-            linger_ms: 0,
+            linger_ms: 5,
+            txn_linger_ms: 0,
             fetch_wait_max_ms: 100,
+            fetch_min_bytes: 1,
             connect_timeout_ms: 5_000,
             group_instance_id: String::new(),
             session_timeout_ms: 10_000,

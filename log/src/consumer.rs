@@ -197,6 +197,7 @@ impl EventConsumer {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+            .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .create()?;
@@ -372,6 +373,7 @@ pub async fn read_raw(
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
         .create()?;
     consumer.subscribe(&[topic])?;
     let mut out = Vec::new();
@@ -413,6 +415,7 @@ pub async fn read_partition_raw(
         .set("enable.partition.eof", "false")
         .set("isolation.level", "read_committed")
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+        .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
         .create()?;
     let consumer = Arc::new(consumer);
     let timeout = Duration::from_millis(config.connect_timeout_ms);

@@ -193,6 +193,7 @@ impl PartitionedConsumer {
             .set("enable.partition.eof", "false")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+            .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
             // Incremental rebalances: a member joining or leaving moves only
             // the partitions that change owner; the others keep their state
             // and are not revoked.
@@ -511,7 +512,7 @@ impl TxnProducer {
             )
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("linger.ms", config.linger_ms.to_string())
+            .set("linger.ms", config.txn_linger_ms.to_string())
             .set("transaction.timeout.ms", "60000")
             // A record the new leader never acknowledges (a broker killed
             // mid-request) fails after 10 s instead of librdkafka's default

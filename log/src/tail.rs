@@ -93,6 +93,7 @@ impl TopicTail {
             .set("enable.partition.eof", "false")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
+            .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
             .create()?;
         let consumer = Arc::new(consumer);
         let partitions = match partitions {

@@ -13,6 +13,7 @@ Configuration (TOML keys; override with CHAT_<KEY>, nested keys joined by __):
   limits.max_group_members    largest group                       [1000]
   limits.max_text_bytes       largest message text                [16384]
   log_format                  pretty | json                       [pretty]
+  log.txn_linger_ms           linger.ms of the transactional producers [0]
   log.*                       as in chat-gateway --help (brokers, security_protocol,
                               sasl_*, ssl_*, ...)";
 
