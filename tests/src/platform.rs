@@ -84,6 +84,8 @@ pub struct Options {
     /// Which workers `workers` counts (all four by default; a benchmark of
     /// the sequencer and router alone leaves out the projectors).
     pub worker_roles: Vec<Role>,
+    /// Partitions of every chat topic (None: the tests' 3).
+    pub partitions: Option<i32>,
 }
 
 impl Default for Options {
@@ -99,6 +101,7 @@ impl Default for Options {
             replication_factor: 1,
             min_insync_replicas: 1,
             worker_roles: vec![Role::Sequencer, Role::Router, Role::History, Role::Presence],
+            partitions: None,
         }
     }
 }
@@ -175,6 +178,9 @@ impl Platform {
         let mut config = crate::log_config(test);
         if let Some(b) = &options.brokers {
             config.brokers = b.clone();
+        }
+        if let Some(p) = options.partitions {
+            config.chat_partitions = p;
         }
         config.replication_factor = options.replication_factor;
         config.min_insync_replicas = options.min_insync_replicas;
