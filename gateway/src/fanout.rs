@@ -304,7 +304,11 @@ impl Hub {
             r.insert(conn.session_id, tx);
         }
         if let Ok(mut users) = self.users.write() {
-            users.entry(user.to_string()).or_default().push(conn);
+            // Most users have one connection here: no room for four.
+            users
+                .entry(user.to_string())
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push(conn);
         }
         rx
     }

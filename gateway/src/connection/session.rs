@@ -169,6 +169,7 @@ impl Session {
                 typing_ttl_ms: l.typing_ttl_ms,
                 sync_chats_per_frame: protocol::sync_chats_per_frame(l.max_frame_bytes),
                 max_sync_chats: protocol::MAX_SYNC_CHATS,
+                max_concurrent_reads: l.max_concurrent_reads,
             },
         };
         tracing::info!("connection open");
