@@ -1344,3 +1344,47 @@ async fn delivered_frames_are_coalesced_into_one_receipt() {
     assert_eq!(acks, ["r1", "r2", "r3"]);
     e.stop().await;
 }
+
+/// A sync answer larger than the outbound queue is written as the client
+/// reads it; a second `sync` sent meanwhile is answered after the first's
+/// `synced`, and nothing is sent twice.
+#[tokio::test]
+async fn a_second_sync_waits_for_the_first_answer_to_be_written() {
+    let mut e = env("twosyncs", |c| c.limits.outbound_queue = 16).await;
+    // 1,000 events of 3 KB: more than the socket buffers hold, so the
+    // answer is still being written while the second sync could run.
+    let chats: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    let long = "x".repeat(3000);
+    for chat in &chats {
+        e.history.join("alice", *chat, 1, 1_000);
+        for seq in 1..=50 {
+            e.history.put(text_row(*chat, seq, "bob", &long));
+        }
+    }
+    let mut ws = e.connect("alice", "d1").await;
+    let h = hello(&mut ws).await;
+    e.route_session(&h).await;
+    send(&mut ws, json!({"type":"sync","id":"s1","since":null})).await;
+    send(&mut ws, json!({"type":"sync","id":"s2","since":null})).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut events = std::collections::HashSet::new();
+    let mut synced = Vec::new();
+    loop {
+        let f = recv(&mut ws).await;
+        match f["type"].as_str() {
+            Some("event") => {
+                assert!(synced.is_empty(), "an event after synced: {f}");
+                let key = (f["chat"].to_string(), f["seq"].as_u64().unwrap());
+                assert!(events.insert(key), "sent twice: {f}");
+            }
+            Some("synced") => synced.push(f["id"].as_str().unwrap().to_string()),
+            _ => panic!("{f}"),
+        }
+        if synced.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(events.len(), 1000);
+    assert_eq!(synced, ["s1", "s2"]);
+    e.stop().await;
+}

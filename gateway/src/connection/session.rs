@@ -381,7 +381,13 @@ impl Session {
         (self.handle.mailbox.has_results())
             || (self.releasing() && room && self.handle.mailbox.has_events())
             || (self.sync_out.is_some() && room)
-            || (self.syncing.is_none() && !self.messages.is_empty())
+            || (!self.sync_running() && !self.messages.is_empty())
+    }
+
+    /// A sync is being read or its answer written: the client's next
+    /// frames wait for its `synced`.
+    fn sync_running(&self) -> bool {
+        self.syncing.is_some() || self.sync_out.is_some()
     }
 
     /// Live events are released (not held by a sync or a gap fill).
@@ -407,7 +413,7 @@ impl Session {
             taken += 1;
             self.on_live(e);
         }
-        while self.syncing.is_none() && self.closing.is_none() {
+        while !self.sync_running() && self.closing.is_none() {
             let Some(m) = self.messages.pop_front() else {
                 break;
             };
@@ -445,7 +451,11 @@ impl Session {
         self.last_seen = now_ms();
         match m {
             Message::Ping(payload) => {
-                self.push(Outbound::Pong(payload), "pong");
+                // A WebSocket-level pong: not a protocol frame (no metric).
+                if self.writer.is_empty() {
+                    self.write_stalled = Some(Instant::now());
+                }
+                self.writer.push(Outbound::Pong(payload));
                 Ok(())
             }
             Message::Pong => Ok(()),
@@ -497,7 +507,7 @@ impl Session {
         let now = Instant::now();
         let t = &self.shared.config.timeouts;
         let mut at = now + Duration::from_secs(3600);
-        if t.idle_ms > 0 && self.syncing.is_none() {
+        if t.idle_ms > 0 && !self.sync_running() {
             let idle_for = (now_ms() - self.last_seen).max(0) as u64;
             at = at.min(now + ms(t.idle_ms.saturating_sub(idle_for) + 1));
         }
@@ -529,7 +539,7 @@ impl Session {
     fn on_tick(&mut self) -> Result<(), Stop> {
         let t = &self.shared.config.timeouts;
         if t.idle_ms > 0
-            && self.syncing.is_none()
+            && !self.sync_running()
             && now_ms() - self.last_seen > i64::try_from(t.idle_ms).unwrap_or(i64::MAX)
         {
             self.close_with(close::IDLE, "idle");
