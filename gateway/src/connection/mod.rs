@@ -80,8 +80,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, upgrade: OnUpgrade, who: Identity
                 return;
             }
         };
-        let early = parts.read_buf.to_vec();
-        let stream = parts.io.into_inner();
+        // hyper's read buffer (8 KiB) comes with the bytes read past the
+        // request: copy those out and free it now, not when this future
+        // ends with the connection.
+        let hyper::upgrade::Parts { io, read_buf, .. } = parts;
+        let early = read_buf.to_vec();
+        drop(read_buf);
+        let stream = io.into_inner();
         Box::pin(run(shared, stream, early, who, device, session_id)).await;
     }
     .instrument(span)
