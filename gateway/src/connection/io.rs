@@ -256,6 +256,14 @@ fn encode(item: &Outbound, buf: &mut Vec<u8>) {
     buf.extend_from_slice(payload);
 }
 
+/// Writes a close frame without waiting, if the socket takes it whole
+/// (after a panic, when the writer's state cannot be trusted).
+pub(super) fn try_close(stream: &TcpStream, code: u16, reason: &str) {
+    let mut buf = Vec::new();
+    encode(&Outbound::Close(code, reason.to_string()), &mut buf);
+    let _ = stream.try_write(&buf);
+}
+
 /// Frames waiting to be written, and the bytes being written.
 #[derive(Debug, Default)]
 pub(super) struct Writer {
@@ -280,6 +288,11 @@ impl Writer {
     /// Frames queued (not yet encoded).
     pub fn queued(&self) -> usize {
         self.queue.len()
+    }
+
+    /// No frame is partly written: another frame may go to the socket.
+    pub fn at_frame_boundary(&self) -> bool {
+        self.at == 0 || self.at >= self.buf.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -182,6 +182,11 @@ async fn run(
         shared.metrics.connection_panics.inc();
         tracing::error!("connection task panicked; closing it");
         closer.close(close::INTERNAL, "internal error");
+        // The loop is gone: tell the client (unless a frame was half
+        // written, which a close frame would corrupt).
+        if session.writer.at_frame_boundary() {
+            io::try_close(&session.stream, close::INTERNAL, "internal error");
+        }
     }
     session.finish_commands();
     for id in session.pending.keys() {
