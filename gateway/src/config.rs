@@ -140,6 +140,10 @@ pub struct Limits {
     pub typing_interval_ms: u64,
     /// How long a typing indicator shows unless renewed (`expires_at`).
     pub typing_ttl_ms: u64,
+    /// Reads (`history`, `chats`, `watch`, `receipts`, `devices`, `typing`,
+    /// the user settings) one connection may have running at once, each
+    /// its own task; more: `rate_limited`.
+    pub max_concurrent_reads: usize,
 }
 
 impl Default for Limits {
@@ -161,6 +165,7 @@ impl Default for Limits {
             max_watched_chats: 16,
             typing_interval_ms: 1_000,
             typing_ttl_ms: 6_000,
+            max_concurrent_reads: 8,
         }
     }
 }
@@ -199,6 +204,10 @@ pub struct Timeouts {
     /// A frame that cannot be queued for this long (the client does not
     /// read): close 4008.
     pub slow_consumer_ms: u64,
+    /// `delivered` frames of one chat on one connection within this window
+    /// are appended as one receipt (the highest `up_to_seq`); 0: each on
+    /// its own.
+    pub delivered_coalesce_ms: u64,
 }
 
 impl Default for Timeouts {
@@ -214,6 +223,7 @@ impl Default for Timeouts {
             gateway_heartbeat_ms: 3_000,
             presence_batch_ms: 500,
             slow_consumer_ms: 5_000,
+            delivered_coalesce_ms: 250,
         }
     }
 }
@@ -241,6 +251,9 @@ impl GatewayConfig {
         }
         if l.max_text_bytes == 0 || l.max_text_bytes >= l.max_frame_bytes {
             return Err("limits.max_text_bytes must be > 0 and < limits.max_frame_bytes".into());
+        }
+        if l.max_concurrent_reads == 0 {
+            return Err("limits.max_concurrent_reads must be > 0".into());
         }
         if l.outbound_queue < 16 || l.max_pending_commands == 0 || l.max_fragments == 0 {
             return Err(
@@ -328,6 +341,7 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   limits.max_watched_chats      chats watched per connection        [16]
   limits.typing_interval_ms     shortest typing interval per chat   [1000]
   limits.typing_ttl_ms          typing indicator lifetime           [6000]
+  limits.max_concurrent_reads   reads running at once per connection [8]
   timeouts.header_read_ms       HTTP headers must arrive within     [10000]
   timeouts.upgrade_ms           WebSocket upgrade completes within  [10000]
   timeouts.ack_ms               command result wait                 [10000]
@@ -338,6 +352,7 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   timeouts.gateway_heartbeat_ms GatewayHeartbeat interval           [3000]
   timeouts.presence_batch_ms    presence batching window            [500]
   timeouts.slow_consumer_ms     close clients that do not read      [5000]
+  timeouts.delivered_coalesce_ms one delivered receipt per chat per window [250]
   log.brokers           Kafka bootstrap servers                     [127.0.0.1:9092]
   log.registry_url      schema registry (Confluent API) base URL    [http://127.0.0.1:8081/apis/ccompat/v7]
   log.topic_prefix      prefix before every topic name              []

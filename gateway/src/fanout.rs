@@ -12,16 +12,17 @@
 //! - any chat event → every local connection of every user in the record's
 //!   `recipients` header.
 //!
-//! Nothing here ever waits on a connection: queues are bounded and a full
-//! one closes that connection with 4008 (slow consumer); other connections
-//! are not affected.
+//! Nothing here ever waits on a connection: each connection has a
+//! [`Mailbox`] (live events and command results, bounded, allocated only
+//! while something waits in it); a full one closes that connection with
+//! 4008 (slow consumer); other connections are not affected.
 
 use chat_log::{
     parse_events_position, ConsumedEvent, TailItem, TopicTail, HEADER_EVENTS_POSITION,
     HEADER_RECIPIENTS,
 };
 use chat_schemas::{Body, CommandResult};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -93,10 +94,149 @@ pub struct LiveEvent {
 /// What the hub forwards to a connection about its commands.
 #[derive(Clone, Debug)]
 pub enum ResultMsg {
-    /// The sequencer's answer.
-    Sequencer(CommandResult),
+    /// The sequencer's answer (boxed: a queued result costs a pointer).
+    Sequencer(Box<CommandResult>),
     /// The command could not be appended to `chat.commands`.
     ProduceFailed { command_id: Uuid, message: String },
+}
+
+/// What the hub hands to one connection: its live events (held until the
+/// first sync is answered) and the results of its commands. One allocation
+/// per connection; the queues take memory only while they hold something
+/// (they are released when drained), so an idle connection costs the
+/// struct alone. The connection's task waits on [`Mailbox::notified`].
+#[derive(Debug)]
+pub struct Mailbox {
+    queues: Mutex<Queues>,
+    notify: tokio::sync::Notify,
+    /// Live events held at most (`limits.outbound_queue`); more: 4008.
+    events_cap: usize,
+    /// Results held at most; more: 4008.
+    results_cap: usize,
+    /// The chats the connection watches (`watch`) and the generation of the
+    /// `watch` frame that set them: typing and other members' receipts of
+    /// these chats are delivered to it.
+    watching: RwLock<Watching>,
+}
+
+#[derive(Debug, Default)]
+struct Queues {
+    events: VecDeque<LiveEvent>,
+    results: VecDeque<ResultMsg>,
+}
+
+/// The chats a connection watches, as set by its newest applied `watch`.
+#[derive(Debug, Default)]
+pub struct Watching {
+    /// The sequence number of the `watch` frame that set `chats` (a later
+    /// frame's answer may be ready first; an older one never overwrites it).
+    pub generation: u64,
+    pub chats: HashSet<Uuid>,
+}
+
+/// Queues drained with more capacity than this are released.
+const KEEP_CAPACITY: usize = 8;
+
+impl Mailbox {
+    pub fn new(events_cap: usize, results_cap: usize) -> Self {
+        Self {
+            queues: Mutex::default(),
+            notify: tokio::sync::Notify::new(),
+            events_cap,
+            results_cap,
+            watching: RwLock::default(),
+        }
+    }
+
+    fn queues(&self) -> std::sync::MutexGuard<'_, Queues> {
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a live event; false when the queue is full.
+    pub fn push_event(&self, e: LiveEvent) -> bool {
+        {
+            let mut q = self.queues();
+            if q.events.len() >= self.events_cap {
+                return false;
+            }
+            q.events.push_back(e);
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// Queues a command result; false when the queue is full.
+    pub fn push_result(&self, r: ResultMsg) -> bool {
+        {
+            let mut q = self.queues();
+            if q.results.len() >= self.results_cap {
+                return false;
+            }
+            q.results.push_back(r);
+        }
+        self.notify.notify_one();
+        true
+    }
+
+    /// The oldest live event.
+    pub fn pop_event(&self) -> Option<LiveEvent> {
+        let mut q = self.queues();
+        let e = q.events.pop_front();
+        if q.events.is_empty() && q.events.capacity() > KEEP_CAPACITY {
+            q.events = VecDeque::new();
+        }
+        e
+    }
+
+    /// The oldest command result.
+    pub fn pop_result(&self) -> Option<ResultMsg> {
+        let mut q = self.queues();
+        let r = q.results.pop_front();
+        if q.results.is_empty() && q.results.capacity() > KEEP_CAPACITY {
+            q.results = VecDeque::new();
+        }
+        r
+    }
+
+    pub fn has_events(&self) -> bool {
+        !self.queues().events.is_empty()
+    }
+
+    pub fn has_results(&self) -> bool {
+        !self.queues().results.is_empty()
+    }
+
+    /// Resolves after something was queued (a permit is kept when nobody
+    /// waits, so nothing queued between a check and the wait is missed).
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Whether the connection watches `chat`.
+    pub fn watches(&self, chat: &Uuid) -> bool {
+        self.watching.read().is_ok_and(|w| w.chats.contains(chat))
+    }
+
+    /// Sets the watched chats if `generation` is newer than the applied
+    /// one, running `apply` (the hub's presence index) under the same lock,
+    /// so concurrent `watch` answers end with the newest frame's set.
+    pub fn set_watching(
+        &self,
+        generation: u64,
+        chats: HashSet<Uuid>,
+        apply: impl FnOnce(),
+    ) -> bool {
+        let Ok(mut w) = self.watching.write() else {
+            return false;
+        };
+        if generation <= w.generation {
+            return false;
+        }
+        w.generation = generation;
+        w.chats = chats;
+        apply();
+        true
+    }
 }
 
 /// How the hub reaches one connection.
@@ -106,11 +246,7 @@ pub struct ConnHandle {
     pub session_id: Uuid,
     /// The connection's device.
     pub device: String,
-    /// The chats the connection watches (`watch`): typing and other members'
-    /// receipts of these chats are delivered to it.
-    pub watching: Arc<RwLock<HashSet<Uuid>>>,
-    pub events: mpsc::Sender<LiveEvent>,
-    pub results: mpsc::Sender<ResultMsg>,
+    pub mailbox: Arc<Mailbox>,
     pub closer: Closer,
 }
 
@@ -168,9 +304,21 @@ impl Hub {
             r.insert(conn.session_id, tx);
         }
         if let Ok(mut users) = self.users.write() {
-            users.entry(user.to_string()).or_default().push(conn);
+            // Most users have one connection here: no room for four.
+            users
+                .entry(user.to_string())
+                .or_insert_with(|| Vec::with_capacity(1))
+                .push(conn);
         }
         rx
+    }
+
+    /// The session no longer waits for `SessionRouted` (its first sync
+    /// merged an answer for every partition): its channel is released.
+    pub fn routed_done(&self, session_id: Uuid) {
+        if let Ok(mut r) = self.routed.lock() {
+            r.remove(&session_id);
+        }
     }
 
     /// Forgets a connection and everything routed to it.
@@ -296,10 +444,8 @@ impl Hub {
 
     /// Queues a live event for one connection (4008 when its queue is full).
     fn offer_event(&self, conn: &ConnHandle, live: LiveEvent) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = conn.events.try_send(live) {
-            if !conn.closer.is_closed() {
-                conn.closer.close(close::SLOW_CONSUMER, "event queue full");
-            }
+        if !conn.mailbox.push_event(live) && !conn.closer.is_closed() {
+            conn.closer.close(close::SLOW_CONSUMER, "event queue full");
         }
     }
 
@@ -343,10 +489,9 @@ impl Hub {
                     .ok()
                     .and_then(|mut p| p.remove(&r.command_event_id));
                 if let Some(conn) = conn {
-                    if conn
-                        .results
-                        .try_send(ResultMsg::Sequencer(r.clone()))
-                        .is_err()
+                    if !conn
+                        .mailbox
+                        .push_result(ResultMsg::Sequencer(Box::new(r.clone())))
                         && !conn.closer.is_closed()
                     {
                         conn.closer.close(close::SLOW_CONSUMER, "result queue full");
@@ -456,7 +601,7 @@ impl Hub {
         for user in recipient_list(&recipients) {
             let own = user == e.sender_user;
             for conn in users.get(user).into_iter().flatten() {
-                let watching = conn.watching.read().is_ok_and(|w| w.contains(&chat));
+                let watching = conn.mailbox.watches(&chat);
                 let wanted = if is_typing {
                     watching && !(own && conn.device == e.sender_device)
                 } else {
@@ -621,29 +766,23 @@ mod tests {
         )
     }
 
-    fn conn(
-        id: u64,
-        cap: usize,
-    ) -> (
-        ConnHandle,
-        mpsc::Receiver<LiveEvent>,
-        mpsc::Receiver<ResultMsg>,
-    ) {
-        let (etx, erx) = mpsc::channel(cap);
-        let (rtx, rrx) = mpsc::channel(cap);
+    fn conn(id: u64, cap: usize) -> (ConnHandle, Arc<Mailbox>) {
+        let mailbox = Arc::new(Mailbox::new(cap, cap));
         (
             ConnHandle {
                 conn_id: id,
                 session_id: Uuid::new_v4(),
                 device: "d".into(),
-                watching: Arc::default(),
-                events: etx,
-                results: rtx,
+                mailbox: mailbox.clone(),
                 closer: Closer::new(),
             },
-            erx,
-            rrx,
+            mailbox,
         )
+    }
+
+    fn watch(c: &ConnHandle, chat: Uuid) {
+        let gen = c.mailbox.watching.read().unwrap().generation + 1;
+        assert!(c.mailbox.set_watching(gen, HashSet::from([chat]), || {}));
     }
 
     fn record(key: &str, body: Body, recipients: Option<&str>) -> ConsumedEvent {
@@ -688,14 +827,14 @@ mod tests {
     fn typing_goes_to_watchers_only_and_receipts_to_the_author_and_watchers() {
         let h = hub();
         // record() sends as alice from device "d".
-        let (alice_same, mut alice_same_rx, _r1) = conn(1, 8);
-        let (mut alice_other, mut alice_other_rx, _r2) = conn(2, 8);
+        let (alice_same, alice_same_rx) = conn(1, 8);
+        let (mut alice_other, alice_other_rx) = conn(2, 8);
         alice_other.device = "phone".into();
-        let (bob_watching, mut bob_w_rx, _r3) = conn(3, 8);
-        let (bob_idle, mut bob_i_rx, _r4) = conn(4, 8);
+        let (bob_watching, bob_w_rx) = conn(3, 8);
+        let (bob_idle, bob_i_rx) = conn(4, 8);
         let chat = Uuid::nil();
         for c in [&alice_same, &alice_other, &bob_watching] {
-            c.watching.write().unwrap().insert(chat);
+            watch(c, chat);
         }
         drop(h.register("alice", alice_same));
         drop(h.register("alice", alice_other));
@@ -706,37 +845,37 @@ mod tests {
             expires_at: 10,
         });
         h.dispatch(&record("gw-a", typing, Some("alice,bob")));
-        let frame = bob_w_rx.try_recv().unwrap();
+        let frame = bob_w_rx.pop_event().unwrap();
         assert!(
             frame.frame.contains(r#""type":"typing""#),
             "{}",
             frame.frame
         );
         assert!(
-            alice_other_rx.try_recv().is_ok(),
+            alice_other_rx.pop_event().is_some(),
             "the author's other device"
         );
-        assert!(alice_same_rx.try_recv().is_err(), "not the typing device");
+        assert!(alice_same_rx.pop_event().is_none(), "not the typing device");
         assert!(
-            bob_i_rx.try_recv().is_err(),
+            bob_i_rx.pop_event().is_none(),
             "not a connection without the chat open"
         );
 
         let read = Body::ReadReceipt(chat_schemas::ReadReceipt { up_to_seq: 3 });
         h.dispatch(&record("gw-a", read, Some("alice,bob")));
         assert!(
-            alice_same_rx.try_recv().is_ok(),
+            alice_same_rx.pop_event().is_some(),
             "every device of the author"
         );
-        assert!(alice_other_rx.try_recv().is_ok());
-        let r = bob_w_rx.try_recv().unwrap();
+        assert!(alice_other_rx.pop_event().is_some());
+        let r = bob_w_rx.pop_event().unwrap();
         assert!(
             r.frame.contains(r#""kind":"read""#) && r.seq.is_none(),
             "{}",
             r.frame
         );
         assert!(
-            bob_i_rx.try_recv().is_err(),
+            bob_i_rx.pop_event().is_none(),
             "others only where the chat is open"
         );
     }
@@ -744,29 +883,29 @@ mod tests {
     #[test]
     fn events_reach_every_connection_of_each_recipient_only() {
         let h = hub();
-        let (a1, mut a1_rx, _r1) = conn(1, 8);
-        let (a2, mut a2_rx, _r2) = conn(2, 8);
-        let (b, mut b_rx, _r3) = conn(3, 8);
-        let (c, mut c_rx, _r4) = conn(4, 8);
+        let (a1, a1_rx) = conn(1, 8);
+        let (a2, a2_rx) = conn(2, 8);
+        let (b, b_rx) = conn(3, 8);
+        let (c, c_rx) = conn(4, 8);
         drop(h.register("alice", a1));
         drop(h.register("alice", a2));
         drop(h.register("bob", b));
         drop(h.register("carol", c));
         h.dispatch(&record("gw-a", msg(), Some("alice,bob")));
-        assert!(a1_rx.try_recv().is_ok());
-        assert!(a2_rx.try_recv().is_ok());
-        assert!(b_rx.try_recv().is_ok());
-        assert!(c_rx.try_recv().is_err());
+        assert!(a1_rx.pop_event().is_some());
+        assert!(a2_rx.pop_event().is_some());
+        assert!(b_rx.pop_event().is_some());
+        assert!(c_rx.pop_event().is_none());
         // Another gateway's record on a shared partition is ignored.
         h.dispatch(&record("gw-b", msg(), Some("alice")));
-        assert!(a1_rx.try_recv().is_err());
+        assert!(a1_rx.pop_event().is_none());
     }
 
     #[test]
     fn a_full_queue_closes_only_that_connection() {
         let h = hub();
-        let (slow, _slow_rx, _r1) = conn(1, 1);
-        let (fast, mut fast_rx, _r2) = conn(2, 8);
+        let (slow, _slow_rx) = conn(1, 1);
+        let (fast, fast_rx) = conn(2, 8);
         let (slow_closer, fast_closer) = (slow.closer.clone(), fast.closer.clone());
         drop(h.register("alice", slow));
         drop(h.register("bob", fast));
@@ -778,13 +917,13 @@ mod tests {
             Some(close::SLOW_CONSUMER)
         );
         assert!(!fast_closer.is_closed());
-        assert_eq!(std::iter::from_fn(|| fast_rx.try_recv().ok()).count(), 3);
+        assert_eq!(std::iter::from_fn(|| fast_rx.pop_event()).count(), 3);
     }
 
     #[tokio::test]
     async fn results_and_routing_reach_their_connection() {
         let h = hub();
-        let (a, _erx, mut rrx) = conn(1, 8);
+        let (a, rrx) = conn(1, 8);
         let session = a.session_id;
         let mut routed = h.register("alice", a.clone());
         let cmd = Uuid::new_v4();
@@ -799,9 +938,9 @@ mod tests {
             event_offset: Some(41),
         });
         h.dispatch(&record("gw-a", result.clone(), None));
-        assert!(matches!(rrx.try_recv(), Ok(ResultMsg::Sequencer(r)) if r.seq == Some(5)));
+        assert!(matches!(rrx.pop_result(), Some(ResultMsg::Sequencer(r)) if r.seq == Some(5)));
         h.dispatch(&record("gw-a", result, None));
-        assert!(rrx.try_recv().is_err(), "a result is delivered once");
+        assert!(rrx.pop_result().is_none(), "a result is delivered once");
         let body = Body::SessionRouted(SessionRouted {
             session_id: session,
             router_offsets: vec![3, 4],

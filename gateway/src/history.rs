@@ -125,6 +125,8 @@ struct Memory {
     changes: Vec<(String, i64, Uuid)>,
     progress: HashMap<String, HashMap<i32, i64>>,
     fail: bool,
+    /// How long each `messages_page` takes (a slow store, in tests).
+    page_delay: std::time::Duration,
 }
 
 impl MemoryHistory {
@@ -202,6 +204,12 @@ impl MemoryHistory {
             .entry(projector.to_string())
             .or_default()
             .insert(partition, next_offset);
+    }
+
+    /// Makes every `messages_page` read (history, sync, gap fills) take
+    /// `delay` (a slow store).
+    pub fn set_page_delay(&self, delay: std::time::Duration) {
+        self.lock().page_delay = delay;
     }
 
     /// Makes every read fail (a Cassandra outage).
@@ -291,8 +299,14 @@ impl HistoryReader for MemoryHistory {
         after: Option<u64>,
         limit: u32,
     ) -> BoxFuture<'_, StoreResult<Vec<MessageRow>>> {
-        let r = self.check().map(|()| self.page(chat, before, after, limit));
-        futures::future::ready(r).boxed()
+        let delay = self.lock().page_delay;
+        async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            self.check().map(|()| self.page(chat, before, after, limit))
+        }
+        .boxed()
     }
     fn progress<'a>(&'a self, projector: &'a str) -> BoxFuture<'a, StoreResult<HashMap<i32, i64>>> {
         let r = self.check().map(|()| {

@@ -12,7 +12,7 @@
 //! projectors; read here through `chat_projectors::store`).
 //!
 //! Modules: [`config`], [`auth`] (tokens, devices, origins), [`protocol`]
-//! (frames and codes), [`connection`] (one socket's tasks), [`fanout`]
+//! (frames and codes), [`connection`] (one socket, one task), [`fanout`]
 //! (deliveries partition and local routing), [`sync`] (catch-up and
 //! hand-off), [`history`] (the Cassandra reads), [`ratelimit`], [`metrics`],
 //! [`server`] (listener, start-up, shutdown), [`web`] (the embedded browser
@@ -24,7 +24,6 @@ pub mod config;
 pub mod connection;
 pub mod fanout;
 pub mod history;
-pub mod masking;
 pub mod metrics;
 pub mod protocol;
 pub mod ratelimit;

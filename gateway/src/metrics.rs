@@ -55,6 +55,11 @@ pub struct GatewayMetrics {
     pub connection_panics: Counter,
     /// `presence` frames sent to watchers (batched changes).
     pub presence_frames: Counter,
+    /// `delivered` frames answered by another frame's append (coalesced).
+    pub delivered_coalesced: Counter,
+    /// Reads refused because the connection had `max_concurrent_reads`
+    /// running.
+    pub reads_refused: Counter,
 }
 
 impl GatewayMetrics {
@@ -77,6 +82,8 @@ impl GatewayMetrics {
             gap_fills: Counter::default(),
             deliveries: Family::default(),
             connection_panics: Counter::default(),
+            delivered_coalesced: Counter::default(),
+            reads_refused: Counter::default(),
         };
         registry.register(
             "connections",
@@ -149,6 +156,16 @@ impl GatewayMetrics {
             "connection_panics",
             "Connection tasks that panicked (the connection was closed with 1011)",
             m.connection_panics.clone(),
+        );
+        registry.register(
+            "delivered_coalesced",
+            "delivered frames not appended themselves: a later frame of the same chat and window carried a higher up_to_seq",
+            m.delivered_coalesced.clone(),
+        );
+        registry.register(
+            "reads_refused",
+            "Reads answered rate_limited because the connection had limits.max_concurrent_reads running",
+            m.reads_refused.clone(),
         );
         m
     }

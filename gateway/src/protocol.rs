@@ -892,6 +892,8 @@ pub struct HelloLimits {
     pub sync_chats_per_frame: usize,
     /// Most `sync.chats` entries in all the frames of one sync.
     pub max_sync_chats: usize,
+    /// Reads one connection may have waiting for their answer at once.
+    pub max_concurrent_reads: usize,
 }
 
 /// One chat of the `chats` answer.

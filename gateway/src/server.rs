@@ -701,7 +701,10 @@ async fn ws_handler(State(shared): State<Arc<Shared>>, mut req: Request) -> Resp
             "this endpoint speaks WebSocket",
         );
     }
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    // The connection takes the raw upgraded socket (connection/io.rs);
+    // fastwebsockets only checks the handshake and builds the 101.
+    let upgrade = hyper::upgrade::on(&mut req);
+    let (response, _) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(u) => u,
         Err(e) => {
             m.rejected("bad_upgrade");

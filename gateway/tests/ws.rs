@@ -1127,3 +1127,264 @@ async fn sync_and_history_from_the_real_store() {
     e.stop().await;
     st.drop_keyspace().await.unwrap();
 }
+
+impl Env {
+    /// Every record of `topic` (all partitions, from the beginning) matching
+    /// `pred` that arrives within `within`.
+    async fn all(
+        &self,
+        topic: &str,
+        within: Duration,
+        mut pred: impl FnMut(&chat_log::ConsumedEvent) -> bool,
+    ) -> Vec<chat_log::ConsumedEvent> {
+        let tail = TopicTail::open(
+            &self.log,
+            self.registry.clone(),
+            topic,
+            None,
+            TailStart::Beginning,
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                if let TailItem::Event(e) = tail.next().await.unwrap() {
+                    if pred(&e) {
+                        out.push(*e);
+                    }
+                }
+            }
+        })
+        .await;
+        out
+    }
+
+    /// A connection of `user` past its first sync (its events skipped).
+    async fn synced(&self, user: &str, device: &str) -> Ws {
+        let mut ws = self.connect(user, device).await;
+        let h = hello(&mut ws).await;
+        self.route_session(&h).await;
+        send(&mut ws, json!({"type":"sync","id":"s0","since":null})).await;
+        loop {
+            let f = recv(&mut ws).await;
+            match f["type"].as_str() {
+                Some("event") => {}
+                Some("synced") => break,
+                _ => panic!("{f}"),
+            }
+        }
+        ws
+    }
+}
+
+/// A read waiting on a slow store does not hold back the live events of the
+/// same connection: the event sent after the `history` frame arrives first.
+#[tokio::test]
+async fn a_slow_read_does_not_delay_live_events() {
+    let mut e = env("slowread", |_| {}).await;
+    let chat = Uuid::new_v4();
+    e.history.join("alice", chat, 1, 1_000);
+    e.history.put(text_row(chat, 1, "bob", "m1"));
+    let mut ws = e.synced("alice", "d1").await;
+    let slow = Duration::from_secs(4);
+    e.history.set_page_delay(slow);
+    let asked = std::time::Instant::now();
+    send(
+        &mut ws,
+        json!({"type":"history","id":"h","chat":chat,"limit":10}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    e.deliver(
+        &envelope(Some(chat), Some(2), "bob", text("m2")),
+        Some("alice"),
+    )
+    .await;
+    let first = recv(&mut ws).await;
+    assert_eq!(
+        (first["type"].as_str(), first["seq"].as_u64()),
+        (Some("event"), Some(2)),
+        "{first}"
+    );
+    assert!(
+        asked.elapsed() < slow,
+        "the event waited for the read: {:?}",
+        asked.elapsed()
+    );
+    let page = recv(&mut ws).await;
+    assert_eq!(
+        (page["type"].as_str(), page["id"].as_str()),
+        (Some("history"), Some("h")),
+        "{page}"
+    );
+    assert!(asked.elapsed() >= slow);
+    e.stop().await;
+}
+
+/// At most `max_concurrent_reads` reads run per connection; one more is
+/// answered `rate_limited` at once (with its chat), the others normally.
+#[tokio::test]
+async fn reads_beyond_the_per_connection_bound_are_refused() {
+    let mut e = env("readbound", |c| c.limits.max_concurrent_reads = 2).await;
+    let chat = Uuid::new_v4();
+    e.history.join("alice", chat, 1, 1_000);
+    e.history.put(text_row(chat, 1, "bob", "m1"));
+    let mut ws = e.synced("alice", "d1").await;
+    e.history.set_page_delay(Duration::from_secs(2));
+    for id in ["h1", "h2", "h3"] {
+        send(&mut ws, json!({"type":"history","id":id,"chat":chat})).await;
+    }
+    let refused = recv(&mut ws).await;
+    assert_eq!(
+        (
+            refused["type"].as_str(),
+            refused["id"].as_str(),
+            refused["code"].as_str()
+        ),
+        (Some("error"), Some("h3"), Some("rate_limited")),
+        "{refused}"
+    );
+    assert_eq!(refused["chat"], chat.to_string());
+    let mut answered: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        let f = recv(&mut ws).await;
+        assert_eq!(f["type"], "history", "{f}");
+        answered.push(f["id"].as_str().unwrap().into());
+    }
+    answered.sort();
+    assert_eq!(answered, ["h1", "h2"]);
+    // Answered: room again.
+    e.history.set_page_delay(Duration::ZERO);
+    send(&mut ws, json!({"type":"history","id":"h4","chat":chat})).await;
+    assert_eq!(recv(&mut ws).await["type"], "history");
+    e.stop().await;
+}
+
+/// `delivered` frames of a chat within the coalescing window become one
+/// receipt in the log (the highest `up_to_seq`); each frame is answered
+/// with that command's ack.
+#[tokio::test]
+async fn delivered_frames_are_coalesced_into_one_receipt() {
+    let mut e = env("coalesce", |c| c.timeouts.delivered_coalesce_ms = 300).await;
+    let chat = Uuid::new_v4();
+    let other = Uuid::new_v4();
+    let mut ws = e.synced("alice", "d1").await;
+    for (id, up_to) in [("r1", 1), ("r2", 3), ("r3", 2)] {
+        send(
+            &mut ws,
+            json!({"type":"delivered","id":id,"chat":chat,"up_to_seq":up_to,"client_msg_id":id}),
+        )
+        .await;
+    }
+    send(
+        &mut ws,
+        json!({"type":"delivered","id":"o1","chat":other,"up_to_seq":7}),
+    )
+    .await;
+    let receipts = e
+        .all(&e.topics.commands.clone(), Duration::from_secs(3), |r| {
+            matches!(r.envelope.body, Body::DeliveryReceipt(_))
+        })
+        .await;
+    let of = |c: Uuid| -> Vec<u64> {
+        receipts
+            .iter()
+            .filter(|r| r.envelope.chat_id == Some(c))
+            .map(|r| match &r.envelope.body {
+                Body::DeliveryReceipt(d) => d.up_to_seq,
+                _ => unreachable!(),
+            })
+            .collect()
+    };
+    assert_eq!(
+        of(chat),
+        [3],
+        "one receipt per chat and window, the highest"
+    );
+    assert_eq!(of(other), [7]);
+    let cmd = receipts
+        .iter()
+        .find(|r| r.envelope.chat_id == Some(chat))
+        .unwrap();
+    assert_eq!(cmd.envelope.client_msg_id.as_deref(), Some("r2"));
+    e.deliver(
+        &envelope(
+            Some(chat),
+            None,
+            "sequencer",
+            Body::CommandResult(CommandResult {
+                command_event_id: cmd.envelope.event_id,
+                outcome: CommandOutcome::Accepted,
+                seq: Some(3),
+                code: None,
+                reason: None,
+                event_partition: None,
+                event_offset: None,
+            }),
+        ),
+        None,
+    )
+    .await;
+    let mut acks = Vec::new();
+    for _ in 0..3 {
+        let a = recv(&mut ws).await;
+        assert_eq!(
+            (a["type"].as_str(), a["seq"].as_u64()),
+            (Some("ack"), Some(3)),
+            "{a}"
+        );
+        assert_eq!(
+            a["id"], a["client_msg_id"],
+            "each frame keeps its own ids: {a}"
+        );
+        acks.push(a["id"].as_str().unwrap().to_string());
+    }
+    acks.sort();
+    assert_eq!(acks, ["r1", "r2", "r3"]);
+    e.stop().await;
+}
+
+/// A sync answer larger than the outbound queue is written as the client
+/// reads it; a second `sync` sent meanwhile is answered after the first's
+/// `synced`, and nothing is sent twice.
+#[tokio::test]
+async fn a_second_sync_waits_for_the_first_answer_to_be_written() {
+    let mut e = env("twosyncs", |c| c.limits.outbound_queue = 16).await;
+    // 1,000 events of 3 KB: more than the socket buffers hold, so the
+    // answer is still being written while the second sync could run.
+    let chats: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    let long = "x".repeat(3000);
+    for chat in &chats {
+        e.history.join("alice", *chat, 1, 1_000);
+        for seq in 1..=50 {
+            e.history.put(text_row(*chat, seq, "bob", &long));
+        }
+    }
+    let mut ws = e.connect("alice", "d1").await;
+    let h = hello(&mut ws).await;
+    e.route_session(&h).await;
+    send(&mut ws, json!({"type":"sync","id":"s1","since":null})).await;
+    send(&mut ws, json!({"type":"sync","id":"s2","since":null})).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut events = std::collections::HashSet::new();
+    let mut synced = Vec::new();
+    loop {
+        let f = recv(&mut ws).await;
+        match f["type"].as_str() {
+            Some("event") => {
+                assert!(synced.is_empty(), "an event after synced: {f}");
+                let key = (f["chat"].to_string(), f["seq"].as_u64().unwrap());
+                assert!(events.insert(key), "sent twice: {f}");
+            }
+            Some("synced") => synced.push(f["id"].as_str().unwrap().to_string()),
+            _ => panic!("{f}"),
+        }
+        if synced.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(events.len(), 1000);
+    assert_eq!(synced, ["s1", "s2"]);
+    e.stop().await;
+}
