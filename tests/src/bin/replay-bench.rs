@@ -34,8 +34,9 @@ struct Args {
     /// Events in `chat.events` (creations and member additions included).
     #[arg(long, default_value_t = 1_000_000)]
     events: u64,
-    /// Group chats.
-    #[arg(long, default_value_t = 10_000)]
+    /// Group chats (the default is the loadgen's 10,000 clients in 1,000
+    /// groups of 10; more groups at the same rate write more markers).
+    #[arg(long, default_value_t = 1_000)]
     groups: u64,
     /// Members per group (each user is in two groups).
     #[arg(long, default_value_t = 10)]
