@@ -234,6 +234,11 @@ pub async fn plan(
             seen.extend(targets.iter().copied());
         }
         Some(since) => {
+            // Markers are bucketed (`store::CHANGE_BUCKET_MS`, the store
+            // floors `since` the same way): chats changed up to a bucket
+            // before `since` come back too. Harmless: a chat the client
+            // names is read after its seq, one it does not gets its newest
+            // events, which the client deduplicates by (chat, seq).
             for c in history.changed_chats_since(user, since).await? {
                 if seen.insert(c) {
                     targets.push(c);

@@ -288,6 +288,131 @@ impl EventConsumer {
         }
     }
 
+    /// Like [`run`](Self::run), but hands the handler batches: every record
+    /// already fetched (up to `max_batch`, several partitions, each
+    /// partition's records in log order; waiting only for the first). The
+    /// batch's offsets are stored only after the handler succeeded for the
+    /// whole batch. `Ok` names the records (indices into the batch) to
+    /// dead-letter; [`HandlerError::Retry`] offers the same batch again
+    /// after a backoff; [`HandlerError::DeadLetter`] dead-letters every
+    /// record of the batch; [`HandlerError::Fatal`] stops without storing
+    /// the batch's offsets. Undecodable records are dead-lettered before the
+    /// handler sees the batch, as with `run`.
+    pub async fn run_batches<F, Fut>(
+        &self,
+        max_batch: usize,
+        mut handler: F,
+        shutdown: CancellationToken,
+    ) -> Result<(), LogError>
+    where
+        F: FnMut(Arc<Vec<ConsumedEvent>>) -> Fut,
+        Fut: Future<Output = Result<Vec<(usize, String)>, HandlerError>>,
+    {
+        let result = self
+            .batch_loop(max_batch.max(1), &mut handler, &shutdown)
+            .await;
+        self.commit().await;
+        result
+    }
+
+    async fn batch_loop<F, Fut>(
+        &self,
+        max_batch: usize,
+        handler: &mut F,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LogError>
+    where
+        F: FnMut(Arc<Vec<ConsumedEvent>>) -> Fut,
+        Fut: Future<Output = Result<Vec<(usize, String)>, HandlerError>>,
+    {
+        use futures::FutureExt;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                m = recv_through_transient(&self.inner) => m?,
+            };
+            let mut fetched = vec![Fetched::of(&msg)];
+            drop(msg);
+            // Whatever else is already fetched, without waiting.
+            while fetched.len() < max_batch {
+                match recv_through_transient(&self.inner).now_or_never() {
+                    Some(m) => fetched.push(Fetched::of(&m?)),
+                    None => break,
+                }
+            }
+            let mut events = Vec::with_capacity(fetched.len());
+            let mut origin = Vec::with_capacity(fetched.len());
+            for (i, f) in fetched.iter().enumerate() {
+                match decode_fetched(self.producer.registry(), f, Some(shutdown)).await {
+                    Decoded::Event(e) => {
+                        events.push(*e);
+                        origin.push(i);
+                    }
+                    Decoded::Undecodable(why) => self.dead_letter_fetched(f, &why).await?,
+                    Decoded::Stopped => return Ok(()),
+                }
+            }
+            if !events.is_empty() {
+                let events = Arc::new(events);
+                let mut backoff = Duration::from_millis(50);
+                loop {
+                    match handler(events.clone()).await {
+                        Ok(dead) => {
+                            for (i, why) in dead {
+                                if let Some(f) = origin.get(i).map(|&o| &fetched[o]) {
+                                    self.dead_letter_fetched(f, &why).await?;
+                                }
+                            }
+                            break;
+                        }
+                        Err(HandlerError::Retry(why)) => {
+                            let (first, n) = (&fetched[origin[0]], events.len());
+                            tracing::warn!(topic = %first.topic, partition = first.partition, offset = first.offset, records = n, %why, "batch handler asked to retry");
+                            if sleep_or_shutdown(&mut backoff, shutdown).await {
+                                return Ok(());
+                            }
+                        }
+                        Err(HandlerError::DeadLetter(why)) => {
+                            for &o in &origin {
+                                self.dead_letter_fetched(&fetched[o], &why).await?;
+                            }
+                            break;
+                        }
+                        Err(HandlerError::Fatal(why)) => {
+                            let first = &fetched[origin[0]];
+                            return Err(LogError::Config(format!(
+                                "handler stopped at {}[{}]@{}: {why}",
+                                first.topic, first.partition, first.offset
+                            )));
+                        }
+                    }
+                }
+            }
+            let mut last: std::collections::HashMap<(&str, i32), i64> = Default::default();
+            for f in &fetched {
+                let at = last
+                    .entry((f.topic.as_str(), f.partition))
+                    .or_insert(f.offset);
+                *at = (*at).max(f.offset);
+            }
+            for ((topic, partition), offset) in last {
+                self.inner.store_offset(topic, partition, offset)?;
+            }
+        }
+    }
+
+    async fn dead_letter_fetched(&self, f: &Fetched, why: &str) -> Result<(), LogError> {
+        self.dead_letter(
+            &f.topic,
+            f.partition,
+            f.offset,
+            f.key.as_deref(),
+            &f.payload,
+            why,
+        )
+        .await
+    }
+
     async fn dead_letter(
         &self,
         topic: &str,

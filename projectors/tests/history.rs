@@ -14,6 +14,11 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 const BASE: i64 = 1_767_225_600_000;
+/// The scenario's times are written in "ms" of a clock where a second is
+/// one `user_changes` bucket: `t(10_300)` is 10.3 buckets after BASE.
+fn t(ms: i64) -> i64 {
+    BASE + ms * (store::CHANGE_BUCKET_MS / 1000)
+}
 const TABLES: &[&str] = &[
     "messages",
     "chats",
@@ -109,8 +114,8 @@ struct Chats {
     direct: Uuid,
 }
 
-/// H (old group, erin + alice) at BASE; G (group) from BASE+10.3 s, several
-/// events per second; D (alice-dave direct) at BASE+20 s.
+/// H (old group, erin + alice) at t(0); G (group) from t(10_300), several
+/// events per bucket; D (alice-dave direct) at t(20_000).
 fn scenario() -> (Chats, Vec<Envelope>) {
     let (h, g) = (Uuid::new_v4(), Uuid::new_v4());
     let d = direct_chat_id("alice", "dave");
@@ -122,12 +127,12 @@ fn scenario() -> (Chats, Vec<Envelope>) {
             max_members: 256,
         })
     };
-    let g_at = |seq: u64| BASE + 10_000 + seq as i64 * 300;
+    let g_at = |seq: u64| t(10_000 + seq as i64 * 300);
     let mut events = vec![
         ev(
             h,
             Some(1),
-            BASE,
+            t(0),
             "erin",
             created(
                 ChatKind::Group,
@@ -135,16 +140,16 @@ fn scenario() -> (Chats, Vec<Envelope>) {
                 vec![member("erin", Role::Admin), member("alice", Role::Member)],
             ),
         ),
-        ev(h, Some(2), BASE + 500, "erin", text("hello")),
+        ev(h, Some(2), t(500), "erin", text("hello")),
         // Not sequenced: nothing to project.
         ev(
             h,
             None,
-            BASE + 600,
+            t(600),
             "erin",
             Body::Typing(Typing {
                 active: true,
-                expires_at: BASE + 5_000,
+                expires_at: t(5_000),
             }),
         ),
     ];
@@ -208,7 +213,7 @@ fn scenario() -> (Chats, Vec<Envelope>) {
         ev(
             d,
             Some(1),
-            BASE + 20_100,
+            t(20_100),
             "dave",
             created(
                 ChatKind::Direct,
@@ -216,11 +221,11 @@ fn scenario() -> (Chats, Vec<Envelope>) {
                 vec![member("dave", Role::Member), member("alice", Role::Member)],
             ),
         ),
-        ev(d, Some(2), BASE + 20_200, "dave", text("psst")),
+        ev(d, Some(2), t(20_200), "dave", text("psst")),
         ev(
             d,
             None,
-            BASE + 20_300,
+            t(20_300),
             "alice",
             Body::ReadReceipt(ReadReceipt { up_to_seq: 2 }),
         ),
@@ -309,7 +314,7 @@ async fn check_first_projection(store: &Store, chats: &Chats, ends: &HashMap<i32
     );
     assert_eq!(
         (chat.created_at_ms, chat.max_members, chat.last_seq),
-        (BASE + 10_300, 256, 8)
+        (t(10_300), 256, 8)
     );
     assert_eq!(store.chat(d).await.unwrap().unwrap().kind, "direct");
     assert_eq!(store.chat(Uuid::new_v4()).await.unwrap(), None);
@@ -384,7 +389,7 @@ async fn check_first_projection(store: &Store, chats: &Chats, ends: &HashMap<i32
     let m = &page[1];
     assert_eq!(
         (m.seq, m.sender_user.as_str(), m.sequenced_ts_ms),
-        (2, "alice", BASE + 10_600)
+        (2, "alice", t(10_600))
     );
     assert_eq!(
         m.body,
@@ -392,24 +397,24 @@ async fn check_first_projection(store: &Store, chats: &Chats, ends: &HashMap<i32
     );
     assert_eq!(
         m.client_msg_id.as_deref(),
-        Some(format!("c-{}", BASE + 10_600).as_str())
+        Some(format!("c-{}", t(10_600)).as_str())
     );
-    assert_eq!(m.trace_id, format!("trace-{}", BASE + 10_600));
+    assert_eq!(m.trace_id, format!("trace-{}", t(10_600)));
     // The unsequenced Typing of H was not projected.
     assert_eq!(store.count_messages(h, 100).await.unwrap(), 2);
 
     // Reconnect sync: only chats changed at or after the point.
     let since = |user: &'static str, ms| store.changed_chats_since(user, ms);
-    assert_eq!(since("alice", BASE).await.unwrap(), [d, g, h]);
-    assert_eq!(since("alice", BASE + 12_000).await.unwrap(), [d, g]);
-    assert_eq!(since("alice", BASE + 15_000).await.unwrap(), [d]);
-    assert!(since("bob", BASE + 14_000).await.unwrap().is_empty());
-    assert_eq!(since("dave", BASE + 12_000).await.unwrap(), [d]);
-    assert!(since("erin", BASE + 1_000).await.unwrap().is_empty());
-    assert_eq!(since("carol", BASE + 11_900).await.unwrap(), [g]);
-    // At most one marker per member, chat and second: G's markers of alice
-    // are the seconds 10..=13 (receipts mark nothing). carol has the same
-    // four: the one of second 12 comes from her re-add (seq 7).
+    assert_eq!(since("alice", t(0)).await.unwrap(), [d, g, h]);
+    assert_eq!(since("alice", t(12_000)).await.unwrap(), [d, g]);
+    assert_eq!(since("alice", t(15_000)).await.unwrap(), [d]);
+    assert!(since("bob", t(14_000)).await.unwrap().is_empty());
+    assert_eq!(since("dave", t(12_000)).await.unwrap(), [d]);
+    assert!(since("erin", t(1_000)).await.unwrap().is_empty());
+    assert_eq!(since("carol", t(11_900)).await.unwrap(), [g]);
+    // At most one marker per member, chat and bucket: G's markers of alice
+    // are the buckets 10..=13 (receipts mark nothing). carol has the same
+    // four: the one of bucket 12 comes from her re-add (seq 7).
     let changes = store.dump_table("user_changes").await.unwrap();
     let in_g = |user: &str| {
         let (user, chat) = (format!("\"{user}\""), g.to_string());

@@ -84,8 +84,14 @@ pub struct Options {
     /// Which workers `workers` counts (all four by default; a benchmark of
     /// the sequencer and router alone leaves out the projectors).
     pub worker_roles: Vec<Role>,
-    /// Partitions of every chat topic (None: the tests' 3).
-    pub partitions: Option<i32>,
+    /// Partitions of `chat.commands` / `chat.events` (None: the tests' 3).
+    pub chat_partitions: Option<i32>,
+    /// Extra environment for the history projectors (e.g.
+    /// `CHAT_BATCH_MAX_EVENTS`).
+    pub history_env: Vec<(String, String)>,
+    /// Run this `chat-history` executable instead of the workspace's (a
+    /// benchmark comparing builds).
+    pub history_binary: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -101,7 +107,9 @@ impl Default for Options {
             replication_factor: 1,
             min_insync_replicas: 1,
             worker_roles: vec![Role::Sequencer, Role::Router, Role::History, Role::Presence],
-            partitions: None,
+            chat_partitions: None,
+            history_env: Vec::new(),
+            history_binary: None,
         }
     }
 }
@@ -179,8 +187,8 @@ impl Platform {
         if let Some(b) = &options.brokers {
             config.brokers = b.clone();
         }
-        if let Some(p) = options.partitions {
-            config.chat_partitions = p;
+        if let Some(n) = options.chat_partitions {
+            config.chat_partitions = n;
         }
         config.replication_factor = options.replication_factor;
         config.min_insync_replicas = options.min_insync_replicas;
@@ -259,6 +267,7 @@ impl Platform {
                 env.push(("CHAT_GROUP_ID".into(), format!("{prefix}history")));
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
                 env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+                env.extend(self.options.history_env.iter().cloned());
             }
             Role::Presence => {
                 env.push(("CHAT_GROUP_ID".into(), format!("{prefix}presence")));
@@ -303,7 +312,11 @@ impl Platform {
             .create(true)
             .append(true)
             .open(self.logs.join(format!("{}.log", p.name)))?;
-        let mut cmd = Command::new(binary(p.role.bin(), self.options.profile)?);
+        let exe = match (&self.options.history_binary, p.role) {
+            (Some(path), Role::History) => path.clone(),
+            _ => binary(p.role.bin(), self.options.profile)?,
+        };
+        let mut cmd = Command::new(exe);
         // Each process keeps its state store across restarts, as a
         // deployment with a volume per instance does.
         cmd.env("CHAT_STATE__DIR", self.logs.join("state").join(&p.name))

@@ -52,28 +52,45 @@ pub struct UserChatRow {
     pub muted: bool,
 }
 
-/// `ms` floored to a whole second: the granularity of `user_changes.changed_at`.
+/// `ms` floored to a whole second.
 pub fn floor_to_second(ms: i64) -> i64 {
     ms.div_euclid(1000) * 1000
 }
 
+/// Width of a `user_changes.changed_at` bucket, in ms: the projector writes
+/// `changed_at` = the event's `sequenced_ts` floored to it
+/// ([`change_bucket`]), once per chat and bucket for all members, and
+/// [`Store::changed_chats_since`] reads from the same floor. One constant
+/// for the writer and the reader, on purpose not a config key: a reader
+/// whose floor is finer than the writer's (the gateway with 1 s, the
+/// projector with 60 s) would miss changes, so the two must never be set
+/// apart. Changing it is a data-format change: deploy the readers with the
+/// larger of the old and new widths (a multiple of both) first.
+pub const CHANGE_BUCKET_MS: i64 = 60_000;
+
+/// `ms` floored to its [`CHANGE_BUCKET_MS`] bucket (also before 1970): the
+/// `changed_at` of a marker for an event sequenced at `ms`.
+pub fn change_bucket(ms: i64) -> i64 {
+    ms.div_euclid(CHANGE_BUCKET_MS) * CHANGE_BUCKET_MS
+}
+
 #[derive(Debug)]
 pub(super) struct Prepared {
-    insert_chat: PreparedStatement,
-    insert_member: PreparedStatement,
-    delete_member: PreparedStatement,
-    member_role: PreparedStatement,
-    join_user_chat: PreparedStatement,
-    leave_user_chat: PreparedStatement,
-    user_chat_role: PreparedStatement,
-    read_up_to: PreparedStatement,
-    set_muted: PreparedStatement,
-    insert_direct: PreparedStatement,
-    insert_change: PreparedStatement,
-    select_chat: PreparedStatement,
-    select_members: PreparedStatement,
-    select_user_chats: PreparedStatement,
-    select_changes: PreparedStatement,
+    pub(super) insert_chat: PreparedStatement,
+    pub(super) insert_member: PreparedStatement,
+    pub(super) delete_member: PreparedStatement,
+    pub(super) member_role: PreparedStatement,
+    pub(super) join_user_chat: PreparedStatement,
+    pub(super) leave_user_chat: PreparedStatement,
+    pub(super) user_chat_role: PreparedStatement,
+    pub(super) read_up_to: PreparedStatement,
+    pub(super) set_muted: PreparedStatement,
+    pub(super) insert_direct: PreparedStatement,
+    pub(super) insert_change: PreparedStatement,
+    pub(super) select_chat: PreparedStatement,
+    pub(super) select_members: PreparedStatement,
+    pub(super) select_user_chats: PreparedStatement,
+    pub(super) select_changes: PreparedStatement,
 }
 
 type UserChatRaw = (
@@ -99,7 +116,7 @@ fn seq_of(v: Option<i64>) -> u64 {
 }
 
 impl Store {
-    async fn chats_prepared(&self) -> Result<&Prepared, StoreError> {
+    pub(super) async fn chats_prepared(&self) -> Result<&Prepared, StoreError> {
         self.chats.get_or_try_init(|| self.prepare_chats()).await
     }
 
@@ -323,7 +340,7 @@ impl Store {
     }
 
     /// Records that `chat_id` changed for `user` at `at_ms` (stored floored to
-    /// the second; idempotent; expires after the table's 30-day TTL).
+    /// its [`change_bucket`]; idempotent; expires after the table's 30-day TTL).
     pub async fn mark_changed(
         &self,
         user: &str,
@@ -331,7 +348,7 @@ impl Store {
         at_ms: i64,
     ) -> Result<(), StoreError> {
         let p = self.chats_prepared().await?;
-        let values = (user, CqlTimestamp(floor_to_second(at_ms)), chat_id);
+        let values = (user, CqlTimestamp(change_bucket(at_ms)), chat_id);
         self.execute("write user change", &p.insert_change, values)
             .await
             .map(drop)
@@ -392,17 +409,18 @@ impl Store {
     }
 
     /// The distinct chats with a change for `user` at or after
-    /// `floor(since_ms / 1000) * 1000`, most recently changed first. Finds
-    /// every chat that got an event (while the user was a member, or that
-    /// removed them) sequenced at or after `since_ms`, within the 30-day TTL;
-    /// may also name chats that changed up to a second earlier.
+    /// `change_bucket(since_ms)`, most recently changed first. Finds every
+    /// chat that got an event (while the user was a member, or that removed
+    /// them) sequenced at or after `since_ms`, within the 30-day TTL; may
+    /// also name chats that changed up to [`CHANGE_BUCKET_MS`] earlier
+    /// (callers ask for events after their own seq, so extras cost a read).
     pub async fn changed_chats_since(
         &self,
         user: &str,
         since_ms: i64,
     ) -> Result<Vec<Uuid>, StoreError> {
         let p = self.chats_prepared().await?;
-        let since = CqlTimestamp(floor_to_second(since_ms));
+        let since = CqlTimestamp(change_bucket(since_ms));
         let rows: Vec<(Uuid,)> = self
             .execute_all("read user changes", &p.select_changes, (user, since))
             .await?;
@@ -417,7 +435,22 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::floor_to_second;
+    use super::{change_bucket, floor_to_second, CHANGE_BUCKET_MS};
+
+    #[test]
+    fn change_buckets_floor_to_the_bucket_also_before_1970() {
+        assert_eq!(CHANGE_BUCKET_MS, 60_000);
+        let b = 1_767_225_600_000; // a multiple of 60 s
+        assert_eq!(change_bucket(b), b);
+        assert_eq!(change_bucket(b + 59_999), b);
+        assert_eq!(change_bucket(b + 60_000), b + 60_000);
+        assert_eq!(change_bucket(b - 1), b - 60_000);
+        assert_eq!(change_bucket(-1), -60_000);
+        // Monotonic: t >= T implies bucket(t) >= bucket(T) (the sync proof).
+        for (t, big_t) in [(b + 1, b), (b + 60_001, b + 59_999), (b, b)] {
+            assert!(t >= big_t && change_bucket(t) >= change_bucket(big_t));
+        }
+    }
 
     #[test]
     fn floors_to_the_second_also_before_1970() {

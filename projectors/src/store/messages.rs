@@ -84,16 +84,16 @@ impl MessageRow {
 /// The statements of this table, prepared once per [`Store`] on first use.
 #[derive(Debug)]
 pub(super) struct Prepared {
-    insert: PreparedStatement,
-    advance_head: PreparedStatement,
-    head: PreparedStatement,
-    page_desc: PreparedStatement,
-    page_asc: PreparedStatement,
-    count: PreparedStatement,
+    pub(super) insert: PreparedStatement,
+    pub(super) advance_head: PreparedStatement,
+    pub(super) head: PreparedStatement,
+    pub(super) page_desc: PreparedStatement,
+    pub(super) page_asc: PreparedStatement,
+    pub(super) count: PreparedStatement,
 }
 
 impl Store {
-    async fn prepared(&self) -> Result<&Prepared, StoreError> {
+    pub(super) async fn prepared(&self) -> Result<&Prepared, StoreError> {
         self.prepared
             .get_or_try_init(|| self.prepare_messages())
             .await

@@ -4,6 +4,7 @@
 //! Statements name tables fully (`keyspace.table`), so one session could serve
 //! several keyspaces and nothing depends on `USE`.
 
+mod batch;
 mod chats;
 mod config;
 mod error;
@@ -13,7 +14,8 @@ mod progress;
 mod receipts;
 mod schema;
 
-pub use chats::{floor_to_second, ChatRow, UserChatRow};
+pub use batch::Write;
+pub use chats::{change_bucket, floor_to_second, ChatRow, UserChatRow, CHANGE_BUCKET_MS};
 pub use config::{Consistency, Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};

@@ -18,13 +18,13 @@ pub struct ReceiptRow {
 
 #[derive(Debug)]
 pub(super) struct Prepared {
-    read: PreparedStatement,
-    delivered: PreparedStatement,
-    select: PreparedStatement,
+    pub(super) read: PreparedStatement,
+    pub(super) delivered: PreparedStatement,
+    pub(super) select: PreparedStatement,
 }
 
 impl Store {
-    async fn receipts_prepared(&self) -> Result<&Prepared, StoreError> {
+    pub(super) async fn receipts_prepared(&self) -> Result<&Prepared, StoreError> {
         let init = || async {
             let ks = &self.keyspace;
             let update = |col: &str| {

@@ -429,7 +429,7 @@ async fn main() -> anyhow::Result<()> {
         gateways: args.gateways,
         workers: 1,
         profile: "release",
-        partitions: Some(args.partitions),
+        chat_partitions: Some(args.partitions),
         gateway_env: vec![
             (
                 "CHAT_LIMITS__MAX_CONNECTIONS".into(),
