@@ -194,7 +194,7 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   log.ssl_ca_location   CA file of the brokers' certificates        [unset]
   log.ssl_certificate_location client certificate (PEM)             [unset]
   log.ssl_key_location  client private key (PEM)                    [unset]
-  log.linger_ms         producer linger.ms (dead-letter writes)     [5]
+  log.linger_ms         producer linger.ms (dead-letter writes)     [0]
   log.fetch_wait_max_ms consumer fetch.wait.max.ms                  [5]
   log.connect_timeout_ms start-up reachability timeout              [5000]
   store.nodes           Cassandra contact points                    [127.0.0.1:9042]
