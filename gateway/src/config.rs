@@ -223,7 +223,7 @@ impl Default for Timeouts {
             gateway_heartbeat_ms: 3_000,
             presence_batch_ms: 500,
             slow_consumer_ms: 5_000,
-            delivered_coalesce_ms: 250,
+            delivered_coalesce_ms: 1000,
         }
     }
 }
@@ -352,7 +352,7 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   timeouts.gateway_heartbeat_ms GatewayHeartbeat interval           [3000]
   timeouts.presence_batch_ms    presence batching window            [500]
   timeouts.slow_consumer_ms     close clients that do not read      [5000]
-  timeouts.delivered_coalesce_ms one delivered receipt per chat per window [250]
+  timeouts.delivered_coalesce_ms one delivered receipt per chat per window [1000]
   log.brokers           Kafka bootstrap servers                     [127.0.0.1:9092]
   log.registry_url      schema registry (Confluent API) base URL    [http://127.0.0.1:8081/apis/ccompat/v7]
   log.topic_prefix      prefix before every topic name              []

@@ -79,6 +79,10 @@ struct Args {
     /// Highest rate a sweep tries.
     #[arg(long, default_value_t = 20_000)]
     sweep_max: u64,
+    /// After the last send, how long to wait for every delivery (an
+    /// overloaded platform delivers late, not never: the count is checked).
+    #[arg(long, default_value_t = 180)]
+    drain_secs: u64,
     /// Where to write the report ("-" for none).
     #[arg(long, default_value = "tests/reports/loadgen.md")]
     report: String,
@@ -256,6 +260,8 @@ struct RateResult {
     cpu_total: f64,
     window_secs: f64,
     receipts: u64,
+    /// From the last send until every delivery arrived (or the drain timed out).
+    drained_secs: f64,
     rss_busy: u64,
     /// Sequencer transactions committed and their total time (seconds).
     txns: f64,
@@ -283,7 +289,7 @@ impl RateResult {
             .join(", ");
         format!(
             "rate {} msg/s offered for {:.0} s ({:.0} msg/s sent), receipts sent {}\n\
-             deliveries {} of {} expected\n\
+             deliveries {} of {} expected ({:.1} s after the last send)\n\
              send->deliver ms: p50 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n\
              where the time goes (wall-clock ms, p50/p99): send->sequenced {}/{}, sequenced->delivered {}/{}\n\
              CPU seconds over {:.1} s: {cpu_line}; total {:.1} ({:.2} cores)\n\
@@ -295,6 +301,7 @@ impl RateResult {
             self.receipts,
             self.delivered,
             self.expected,
+            self.drained_secs,
             ms(&self.e2e, 0.5),
             ms(&self.e2e, 0.99),
             ms(&self.e2e, 0.999),
@@ -342,7 +349,7 @@ impl Bench {
 
 impl Bench {
     /// Sends `rate` msg/s for `args.seconds`, waits for the deliveries (at
-    /// most 15 s after the last send) and the receipts they cause.
+    /// most `--drain-secs` after the last send) and the receipts they cause.
     async fn run_rate(&self, step_no: usize, rate: u64) -> anyhow::Result<RateResult> {
         let step = Arc::new(Step::new()?);
         {
@@ -384,10 +391,11 @@ impl Bench {
         let group = self.args.connections / self.args.chats.max(1);
         // Every member gets each message, the sender's own device included.
         let expected = sent * group as u64;
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(self.args.drain_secs);
         while step.delivered.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let drained_secs = started.elapsed().as_secs_f64() - send_secs;
         // The receipts the last deliveries cause (debounced 300 ms), and their trip.
         if !self.args.no_receipts {
             tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -410,6 +418,7 @@ impl Bench {
             cpu_total,
             window_secs,
             receipts: self.stats.receipts_sent.load(Ordering::Relaxed) - receipts_before,
+            drained_secs,
             rss_busy,
             txns: seq_after.0 - seq_before.0,
             txn_secs: seq_after.1 - seq_before.1,
