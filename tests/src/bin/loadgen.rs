@@ -603,8 +603,19 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("{} groups created", ids.len());
     anyhow::ensure!(!ids.is_empty(), "no group was created");
-    // Let the creation's receipts settle, then the idle CPU of the platform.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Let the creation settle (its events reach every member, whose
+    // receipts come back as commands): until the sequencer handled no
+    // command for 3 s. Then the idle CPU of the platform.
+    let seq_admin = platform.admin(Role::Sequencer, 0);
+    let settle_deadline = Instant::now() + Duration::from_secs(300);
+    let (mut last, mut quiet) = (-1.0, 0);
+    while quiet < 3 && Instant::now() < settle_deadline {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let n = chat_tests::metric(seq_admin, "chat_sequencer_commands_total", None).await;
+        quiet = if n == last { quiet + 1 } else { 0 };
+        last = n;
+    }
+    println!("set-up settled after {} commands", last);
     let hz = clock_ticks_per_sec();
     let procs = platform_processes(&platform);
     let idle0 = CpuSample::take(&procs);
