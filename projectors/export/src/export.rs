@@ -214,9 +214,10 @@ impl Exporter {
         Ok(())
     }
 
-    /// Flushes, then compacts the hours `watermark_ms` passed by the grace.
+    /// Compacts the hours `watermark_ms` passed by the grace. Rows still
+    /// buffered for such an hour (late records) become one more file, which
+    /// the next pass merges.
     fn compact_closed(&mut self, watermark_ms: i64) -> Result<(), ExportError> {
-        self.flush_all()?;
         let grace = i64::try_from(self.settings.compact_grace_ms).unwrap_or(i64::MAX);
         let r = compact::compact(&self.out, &self.topic, |h| {
             h.end_ms().saturating_add(grace) <= watermark_ms
@@ -305,10 +306,13 @@ pub async fn run(
     }
     tracing::info!(%topic, out = %out.display(), ?positions, "export starting");
     if until_end {
-        let ends = tail.high_watermarks().await?;
+        let mut ends = tail.high_watermarks().await?;
         for (p, end) in &ends {
             ex.part(*p).end = Some(*end);
         }
+        // A partition with nothing after its resume position is done: the
+        // consumer reports no position for it until it fetched something.
+        ends.retain(|p, end| *end > ex.next.get(p).copied().unwrap_or(0));
         let mut failed = None;
         let read = tail.read_until(&ends, |item| {
             if failed.is_none() {
@@ -335,6 +339,7 @@ pub async fn run(
         let mut ticker = tokio::time::interval(tick);
         let compact_every = Duration::from_millis(settings.compact_interval_ms.max(1_000));
         let mut last_compact = Instant::now();
+        let mut was_caught_up = false;
         loop {
             tokio::select! {
                 _ = shutdown.wait() => break,
@@ -344,7 +349,12 @@ pub async fn run(
                     if last_compact.elapsed() >= compact_every {
                         last_compact = Instant::now();
                         let ends = tail.high_watermarks().await?;
-                        let watermark = if tail.reached(&ends)? {
+                        let reached = caught_up(&tail, &ends, &ex.next)?;
+                        if reached && !was_caught_up {
+                            tracing::info!(?ends, "caught up with the log");
+                        }
+                        was_caught_up = reached;
+                        let watermark = if reached {
                             Some(now_ms())
                         } else {
                             ex.last_time.values().min().copied()
@@ -366,6 +376,25 @@ pub async fn run(
         "export stopped"
     );
     Ok(report)
+}
+
+/// True when every partition was read up to `ends`: its next offset is
+/// there, or (transaction markers after its last record) the consumer's
+/// position is.
+fn caught_up(
+    tail: &TopicTail,
+    ends: &HashMap<i32, i64>,
+    next: &HashMap<i32, i64>,
+) -> Result<bool, ExportError> {
+    for (p, end) in ends {
+        if *end <= next.get(p).copied().unwrap_or(0) {
+            continue;
+        }
+        if !tail.reached(&HashMap::from([(*p, *end)]))? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Compacts the export of `config`'s `chat.events` under `out`: the hours
