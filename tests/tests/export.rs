@@ -359,7 +359,10 @@ async fn every_event_is_exported_once_across_kill_restart_and_compaction() -> an
         "the restart exported exactly what the killed run had not: {report}"
     );
     for p in report["partitions"].as_array().unwrap() {
-        assert_eq!(p["next_offset"], p["end"], "{p}");
+        // (A partition none of the random chat keys hashed to has end 0.)
+        if p["end"] != 0 {
+            assert_eq!(p["next_offset"], p["end"], "{p}");
+        }
     }
     let before = committed(&out).len();
     check_with_pyarrow(&out, &topic, &expected)?;
