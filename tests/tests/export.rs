@@ -344,7 +344,7 @@ async fn every_event_is_exported_once_across_kill_restart_and_compaction() -> an
     let planted = some_file
         .parent()
         .unwrap()
-        .join(".tmp-part-p0000-00000000000099999000-00000000000099999999.parquet");
+        .join(".tmp-part-p0000-00000000000099999000-00000000000099999999.parquet.partial");
     std::fs::write(&planted, b"half a file")?;
 
     // 4. Restart up to the end: resumes after the files, discards the temp file.

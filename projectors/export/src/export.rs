@@ -6,7 +6,7 @@
 //! order. A buffer is written out as one file when the next record belongs
 //! to another hour, when it holds `flush_rows` rows, when its oldest row
 //! waited `flush_interval_ms`, and on shutdown. Writing a file: a temp name
-//! (`.tmp-<name>`) in the hour's directory, fsync, rename to its final name
+//! (`.tmp-<name>.partial`) in the hour's directory, fsync, rename to its final name
 //! (`part-p<P>-<first>-<last>.parquet`), fsync of the directory; files of a
 //! partition are committed one after the other in offset order, so the
 //! committed files of a partition always hold a prefix of it. On start the
@@ -175,7 +175,8 @@ impl Exporter {
         .render();
         let dir = layout::hour_dir(&self.out, &self.topic, buffer.hour);
         std::fs::create_dir_all(&dir).map_err(ExportError::io(&dir))?;
-        let temp = dir.join(format!("{TEMP_PREFIX}{name}"));
+        // Not ending in `.parquet`: no glob of data files matches it.
+        let temp = dir.join(format!("{TEMP_PREFIX}{name}.partial"));
         let path = dir.join(&name);
         parquet_io::write_rows(&temp, &self.topic, &buffer.rows)?;
         std::fs::rename(&temp, &path).map_err(ExportError::io(&path))?;

@@ -11,7 +11,7 @@
 //! rows of one Kafka partition `P` with offsets in `first..=last` (20
 //! digits, zero-padded, so names sort by offset); the same numbers are in
 //! its footer's key-value metadata. Every name starting with `.` or `_` is
-//! not part of the data set (temp files `.tmp-*` being written, `.hour=HH.compact`
+//! not part of the data set (temp files `.tmp-*.partial` being written, `.hour=HH.compact`
 //! directories of a compaction): pyarrow and Spark skip them by default.
 //!
 //! On start, [`scan`] lists the committed files; the next offset to export
