@@ -166,3 +166,105 @@ fn compact_hour(
     tracing::info!(dir = %hour_dir.display(), files_before = before, files_after = after, "hour compacted");
     Ok((before, after, rows_merged))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::row::ExportRow;
+
+    fn row(partition: i32, offset: i64, hour: Hour) -> ExportRow {
+        ExportRow {
+            kafka_partition: partition,
+            kafka_offset: offset,
+            event_id: format!("e-{partition}-{offset}"),
+            chat_id: None,
+            seq: Some(offset),
+            event_type: "MessageSent".into(),
+            sender_user: "ann".into(),
+            sender_device: "d".into(),
+            client_msg_id: None,
+            client_ts: None,
+            server_ts: hour.0 * 3_600_000,
+            sequenced_ts: Some(hour.0 * 3_600_000 + offset),
+            trace_id: "t".into(),
+            schema_id: 1,
+            text: Some(format!("m{offset}")),
+            target_seq: None,
+            up_to_seq: None,
+            member_user: None,
+            body_json: "{}".into(),
+        }
+    }
+
+    fn write(out: &Path, hour: Hour, partition: i32, offsets: std::ops::RangeInclusive<i64>) {
+        let rows: Vec<ExportRow> = offsets.map(|o| row(partition, o, hour)).collect();
+        let name = FileName {
+            partition,
+            first: rows[0].kafka_offset,
+            last: rows[rows.len() - 1].kafka_offset,
+        };
+        let dir = layout::hour_dir(out, "chat.events", hour);
+        std::fs::create_dir_all(&dir).unwrap();
+        parquet_io::write_rows(&dir.join(name.render()), "chat.events", &rows).unwrap();
+    }
+
+    #[test]
+    fn closed_hours_become_one_file_per_partition_with_the_same_rows() {
+        let out = std::env::temp_dir().join(format!("chat-export-compact-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let (closed, open) = (Hour(490_000), Hour(490_001));
+        write(&out, closed, 0, 0..=9);
+        write(&out, closed, 0, 10..=14);
+        // A late record of partition 0, after rows of the next hour.
+        write(&out, closed, 0, 30..=30);
+        write(&out, closed, 1, 0..=3);
+        write(&out, open, 0, 15..=29);
+        write(&out, open, 0, 31..=40);
+        let before: Vec<ExportRow> = layout::scan(&out, "chat.events")
+            .unwrap()
+            .files
+            .iter()
+            .flat_map(|f| parquet_io::read_rows(&f.path).unwrap())
+            .collect();
+        let report = compact(&out, "chat.events", |h| h == closed).unwrap();
+        assert_eq!(report.files_before, 4);
+        assert_eq!(report.files_after, 2);
+        assert_eq!(report.rows_merged, 16);
+        assert_eq!(report.hours_open, 1);
+        let scan = layout::scan(&out, "chat.events").unwrap();
+        assert!(scan.leftovers.is_empty(), "{:?}", scan.leftovers);
+        let names: Vec<(Hour, FileName)> = scan.files.iter().map(|f| (f.hour, f.name)).collect();
+        assert!(names.contains(&(
+            closed,
+            FileName {
+                partition: 0,
+                first: 0,
+                last: 30
+            }
+        )));
+        assert!(names.contains(&(
+            closed,
+            FileName {
+                partition: 1,
+                first: 0,
+                last: 3
+            }
+        )));
+        assert_eq!(names.iter().filter(|(h, _)| *h == open).count(), 2);
+        assert_eq!(scan.resume_positions(), BTreeMap::from([(0, 41), (1, 4)]));
+        let mut after: Vec<ExportRow> = scan
+            .files
+            .iter()
+            .flat_map(|f| parquet_io::read_rows(&f.path).unwrap())
+            .collect();
+        let mut before = before;
+        let key = |r: &ExportRow| (r.kafka_partition, r.kafka_offset);
+        before.sort_by_key(key);
+        after.sort_by_key(key);
+        assert_eq!(before, after);
+        // Nothing left to do: a second pass changes nothing.
+        let again = compact(&out, "chat.events", |h| h == closed).unwrap();
+        assert!(again.hours_compacted.is_empty());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
