@@ -521,3 +521,50 @@ async fn unreachable_kafka_registry_and_a_locked_directory_are_named() -> anyhow
     std::fs::remove_dir_all(&out)?;
     Ok(())
 }
+
+/// Throughput of `chat-export run --until-end` (not part of `make test`):
+/// `CHAT_EXPORT_BENCH_EVENTS` (default 100,000) text messages of ~40 bytes
+/// over 12 partitions, then one export from the beginning, timed.
+/// `cargo test -p chat-tests --test export -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn export_throughput() -> anyhow::Result<()> {
+    let n: usize = std::env::var("CHAT_EXPORT_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let mut config = chat_tests::log_config("export-bench");
+    config.chat_partitions = 12;
+    let log = TestLog::start_config(config).await?;
+    let out = std::env::temp_dir().join(format!("chat-export-bench-{}", Uuid::new_v4().simple()));
+    let mut producer = Producer {
+        chats: (0..CHATS).map(|_| Uuid::new_v4()).collect(),
+        next_seq: vec![1; CHATS],
+    };
+    let started = std::time::Instant::now();
+    for start in (0..n).step_by(5_000) {
+        let batch = producer.batch(5_000.min(n - start), start);
+        produce(&log, batch).await?;
+    }
+    println!(
+        "produced {n} events in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    let (code, report, stderr) = run_json(&log, &out, &["--json", "run", "--until-end"]).await?;
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(report["rows"].as_u64(), Some(n as u64));
+    let bytes: u64 = committed(&out)
+        .iter()
+        .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    println!(
+        "exported {n} events in {secs:.1} s ({:.0} events/s, process included), {} files, {:.1} bytes/event on disk",
+        n as f64 / secs,
+        report["files_written"],
+        bytes as f64 / n as f64
+    );
+    std::fs::remove_dir_all(&out)?;
+    Ok(())
+}
