@@ -13,7 +13,7 @@ use chat_log::{Outgoing, Produced};
 use chat_schemas::{Body, Envelope, ReadReceipt};
 use chat_tests::envelopes::{event, text};
 use chat_tests::platform::binary;
-use chat_tests::{repo_root, third_party_python, TestLog};
+use chat_tests::{free_addr, metric, repo_root, third_party_python, TestLog};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -410,6 +410,8 @@ async fn every_event_is_exported_once_across_kill_restart_and_compaction() -> an
     let third = producer.batch(60, 1200);
     record(&mut expected, produce(&log, third).await?);
     let before_term = covered(&out);
+    let admin = free_addr();
+    let listen = admin.to_string();
     let mut child = exporter(
         &log,
         &out,
@@ -418,6 +420,7 @@ async fn every_event_is_exported_once_across_kill_restart_and_compaction() -> an
             ("CHAT_EXPORT__FLUSH_ROWS", "100000"),
             ("CHAT_EXPORT__FLUSH_INTERVAL_MS", "600000"),
             ("CHAT_EXPORT__COMPACT_INTERVAL_MS", "1000"),
+            ("CHAT_EXPORT__LISTEN", &listen),
         ],
     )
     .stdout(Stdio::piped())
@@ -439,6 +442,17 @@ async fn every_event_is_exported_once_across_kill_restart_and_compaction() -> an
         before_term,
         "nothing flushed before the signal"
     );
+    assert_eq!(
+        metric(admin, "chat_export_records_read_total", None).await,
+        60.0
+    );
+    assert_eq!(
+        metric(admin, "chat_export_rows_written_total", None).await,
+        0.0
+    );
+    assert_eq!(metric(admin, "chat_export_caught_up", None).await, 1.0);
+    let health = reqwest::get(format!("http://{admin}/health")).await?;
+    assert_eq!(health.status(), 200);
     sigterm(&child);
     let o = child.wait_with_output().await?;
     assert!(o.status.success());

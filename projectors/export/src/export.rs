@@ -20,7 +20,10 @@
 //! event time among the partitions' last records read.
 
 use chat_log::{LogConfig, SchemaRegistry, TailItem, TailStart, TopicTail, Topics};
-use chat_runtime::{now_ms, Shutdown};
+use chat_runtime::{now_ms, Health, Shutdown};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -47,6 +50,57 @@ pub struct ExportSettings {
     pub compact_interval_ms: u64,
     /// An hour is closed once the watermark is this far past its end.
     pub compact_grace_ms: u64,
+    /// Admin endpoint (`/health`, `/metrics`) of `run`; unset: none.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// The exporter's metrics (prefix `chat_export_`).
+#[derive(Clone, Debug, Default)]
+pub struct ExportMetrics {
+    /// Records read and buffered (not yet necessarily in a file).
+    pub records_read: Counter,
+    /// Rows committed in files.
+    pub rows_written: Counter,
+    pub files_written: Counter,
+    pub hours_compacted: Counter,
+    pub undecodable: Counter,
+    /// 1 while every partition is read to the end offsets last fetched.
+    pub caught_up: Gauge,
+}
+
+impl ExportMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        r.register(
+            "records_read",
+            "Records read from chat.events and buffered",
+            self.records_read.clone(),
+        );
+        r.register(
+            "rows_written",
+            "Rows committed in Parquet files",
+            self.rows_written.clone(),
+        );
+        r.register(
+            "files_written",
+            "Parquet files committed",
+            self.files_written.clone(),
+        );
+        r.register(
+            "hours_compacted",
+            "Hours whose files were merged",
+            self.hours_compacted.clone(),
+        );
+        r.register(
+            "undecodable",
+            "Records skipped because they could not be decoded",
+            self.undecodable.clone(),
+        );
+        r.register(
+            "caught_up",
+            "1 when every partition is read to its end",
+            self.caught_up.clone(),
+        );
+    }
 }
 
 impl Default for ExportSettings {
@@ -57,6 +111,7 @@ impl Default for ExportSettings {
             flush_interval_ms: 60_000,
             compact_interval_ms: 60_000,
             compact_grace_ms: 600_000,
+            listen: None,
         }
     }
 }
@@ -113,6 +168,7 @@ struct Exporter {
     last_time: HashMap<i32, i64>,
     report: ExportReport,
     parts: BTreeMap<i32, PartitionReport>,
+    metrics: ExportMetrics,
 }
 
 impl Exporter {
@@ -133,6 +189,7 @@ impl Exporter {
             } => {
                 tracing::warn!(partition, offset, %error, "undecodable record skipped");
                 self.report.undecodable += 1;
+                self.metrics.undecodable.inc();
                 return Ok(());
             }
         };
@@ -152,6 +209,7 @@ impl Exporter {
             since: Instant::now(),
         });
         buffer.rows.push(row);
+        self.metrics.records_read.inc();
         self.next.insert(p, event.offset + 1);
         if buffer.rows.len() >= self.settings.flush_rows.max(1) {
             self.flush(p)?;
@@ -185,6 +243,8 @@ impl Exporter {
         tracing::debug!(file = %path.display(), rows = n, "file committed");
         self.report.rows += n;
         self.report.files_written += 1;
+        self.metrics.rows_written.inc_by(n);
+        self.metrics.files_written.inc();
         let last_offset = last.kafka_offset;
         let part = self.part(p);
         part.rows += n;
@@ -223,6 +283,9 @@ impl Exporter {
         let r = compact::compact(&self.out, &self.topic, |h| {
             h.end_ms().saturating_add(grace) <= watermark_ms
         })?;
+        self.metrics
+            .hours_compacted
+            .inc_by(r.hours_compacted.len() as u64);
         let c = &mut self.report.compaction;
         c.hours_compacted.extend(r.hours_compacted);
         c.files_before += r.files_before;
@@ -280,12 +343,16 @@ pub async fn run(
     settings: &ExportSettings,
     until_end: bool,
     shutdown: Shutdown,
+    metrics: ExportMetrics,
+    health: Health,
 ) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
     let topic = Topics::new(config).events;
     let out = settings.out_dir.clone();
+    health.not_ready("kafka", "connecting");
     let (_lock, positions, discarded) = prepare(&out, &topic)?;
     let tail = open_tail(config, &topic, &positions).await?;
+    health.ready("kafka");
     let mut ex = Exporter {
         out: out.clone(),
         topic: topic.clone(),
@@ -301,6 +368,7 @@ pub async fn run(
             ..Default::default()
         },
         parts: BTreeMap::new(),
+        metrics,
     };
     for p in tail.partitions() {
         ex.part(*p).resumed_from = positions.get(p).copied();
@@ -358,6 +426,7 @@ pub async fn run(
                             }
                         };
                         let reached = caught_up(&tail, &ends, &ex.next)?;
+                        ex.metrics.caught_up.set(i64::from(reached));
                         if reached && !was_caught_up {
                             tracing::info!(?ends, "caught up with the log");
                         }

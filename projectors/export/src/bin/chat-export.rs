@@ -7,14 +7,17 @@
 //! Exit codes: 0 done, 1 failed (Kafka or the registry unreachable, a file
 //! error, the directory locked by another run), 2 bad configuration or usage.
 
-use chat_export::export::{self, ExportSettings};
+use anyhow::Context;
+use chat_export::export::{self, ExportMetrics, ExportSettings};
 use chat_log::{LogConfig, Topics};
 use chat_runtime::telemetry::LogFormat;
-use chat_runtime::Shutdown;
+use chat_runtime::{Health, Shutdown};
 use clap::{Parser, Subcommand};
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,6 +80,7 @@ keys joined by a double underscore, e.g. CHAT_EXPORT__OUT_DIR=/data/export):
   export.flush_interval_ms   a row waits at most this long before its file is written [60000]
   export.compact_interval_ms how often closed hours are compacted (run)       [60000]
   export.compact_grace_ms    an hour is closed this long after its end        [600000]
+  export.listen              admin address of `run` (/health, /metrics)       [unset: none]
   log_format                 pretty | json                                    [pretty]
 
 Layout: <out>/topic=<topic>/date=YYYY-MM-DD/hour=HH/part-p<P>-<first>-<last>.parquet
@@ -131,7 +135,37 @@ async fn run(command: Command, config: &ExportConfig, json: bool) -> anyhow::Res
     match command {
         Command::Run { until_end } => {
             let shutdown = Shutdown::on_signals();
-            let report = export::run(&config.log, &config.export, until_end, shutdown).await?;
+            let (metrics, health) = (ExportMetrics::default(), Health::new());
+            let admin = match config.export.listen {
+                Some(listen) => {
+                    let mut registry = Registry::with_prefix("chat_export");
+                    metrics.register(&mut registry);
+                    let (_, task) = chat_runtime::serve_admin(
+                        listen,
+                        health.clone(),
+                        Arc::new(registry),
+                        shutdown.clone(),
+                    )
+                    .await
+                    .with_context(|| format!("admin endpoint on {listen}"))?;
+                    Some(task)
+                }
+                None => None,
+            };
+            let result = export::run(
+                &config.log,
+                &config.export,
+                until_end,
+                shutdown.clone(),
+                metrics,
+                health,
+            )
+            .await;
+            shutdown.trigger();
+            if let Some(task) = admin {
+                let _ = task.await;
+            }
+            let report = result?;
             let human = format!(
                 "exported {} rows in {} files to {} ({} partitions, {} undecodable skipped, {} leftovers discarded); compacted {} hours",
                 report.rows,
