@@ -55,7 +55,8 @@ enum Command {
         #[arg(long)]
         include_open: bool,
     },
-    /// Per partition: the next offset to export (from the files) and the lag behind Kafka's end.
+    /// Per partition: the next offset to export (from the files) and the lag behind Kafka's end
+    /// (in offsets: the sequencer's transaction markers take one each, so a caught-up partition may show 1).
     Status,
 }
 
@@ -215,7 +216,7 @@ async fn run(command: Command, config: &ExportConfig, json: bool) -> anyhow::Res
                 let files = scan.files.iter().filter(|f| f.name.partition == p).count();
                 let lag = end - next.unwrap_or(0);
                 lines.push(format!(
-                    "partition {p}: {files} files, next offset {}, end {end}, lag {lag} offsets",
+                    "partition {p}: {files} files, next offset {}, end {end}, lag {lag} offsets (transaction markers count)",
                     next.map_or("-".to_string(), |n| n.to_string())
                 ));
                 parts.push(serde_json::json!({
