@@ -107,7 +107,7 @@ impl Default for ExportSettings {
     fn default() -> Self {
         Self {
             out_dir: PathBuf::from("export"),
-            flush_rows: 50_000,
+            flush_rows: 10_000,
             flush_interval_ms: 60_000,
             compact_interval_ms: 60_000,
             compact_grace_ms: 600_000,

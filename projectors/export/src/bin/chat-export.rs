@@ -77,7 +77,7 @@ Configuration (TOML file keys; each can be overridden by CHAT_<KEY>, nested
 keys joined by a double underscore, e.g. CHAT_EXPORT__OUT_DIR=/data/export):
   log.*                      as in chat-gateway --help (brokers, registry_url, topic_prefix, security)
   export.out_dir             root of the export (--out)                       [export]
-  export.flush_rows          a partition's rows per file, at most             [50000]
+  export.flush_rows          a partition's rows per file, at most (memory: rows buffered per partition) [10000]
   export.flush_interval_ms   a row waits at most this long before its file is written [60000]
   export.compact_interval_ms how often closed hours are compacted (run)       [60000]
   export.compact_grace_ms    an hour is closed this long after its end        [600000]
