@@ -496,3 +496,100 @@ pub fn compact_now(
 pub fn status(config: &LogConfig, out: &Path) -> Result<layout::Scan, ExportError> {
     layout::scan(out, &Topics::new(config).events)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chat_log::ConsumedEvent;
+    use chat_schemas::{Body, Envelope, ReadReceipt};
+
+    fn item(partition: i32, offset: i64, at_ms: i64) -> TailItem {
+        let envelope = Envelope {
+            event_id: uuid::Uuid::new_v4(),
+            chat_id: Some(uuid::Uuid::new_v4()),
+            seq: None,
+            sender_user: "ann".into(),
+            sender_device: "d".into(),
+            client_msg_id: None,
+            client_ts: None,
+            server_ts: at_ms,
+            sequenced_ts: Some(at_ms),
+            trace_id: "t".into(),
+            body: Body::ReadReceipt(ReadReceipt { up_to_seq: 1 }),
+        };
+        TailItem::Event(Box::new(ConsumedEvent {
+            topic: "chat.events".into(),
+            partition,
+            offset,
+            key: None,
+            trace_id: "t".into(),
+            schema_id: 1,
+            headers: vec![],
+            envelope,
+        }))
+    }
+
+    #[test]
+    fn a_file_holds_one_hour_of_one_partition_and_replays_are_skipped() {
+        let out = std::env::temp_dir().join(format!("chat-export-ex-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let mut ex = Exporter {
+            out: out.clone(),
+            topic: "chat.events".into(),
+            settings: ExportSettings {
+                flush_rows: 3,
+                ..Default::default()
+            },
+            buffers: BTreeMap::new(),
+            next: HashMap::from([(0, 10)]),
+            last_time: HashMap::new(),
+            report: ExportReport::default(),
+            parts: BTreeMap::new(),
+            metrics: ExportMetrics::default(),
+        };
+        let h = 1_800_000_000_000_i64 / 3_600_000 * 3_600_000;
+        // Already exported (below the resume position): skipped.
+        ex.handle(item(0, 9, h)).unwrap();
+        for o in 10..15 {
+            ex.handle(item(0, o, h + o)).unwrap();
+        }
+        ex.handle(item(0, 15, h + 3_600_000)).unwrap();
+        ex.handle(item(0, 16, h + 5)).unwrap();
+        ex.handle(item(1, 0, h)).unwrap();
+        ex.handle(TailItem::Undecodable {
+            partition: 1,
+            offset: 1,
+            error: "bad".into(),
+        })
+        .unwrap();
+        assert_eq!(ex.report.undecodable, 1);
+        ex.flush_all().unwrap();
+        let scan = layout::scan(&out, "chat.events").unwrap();
+        let names: Vec<(i64, i32, i64, i64)> = scan
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.hour.0 - Hour::of_ms(h).0,
+                    f.name.partition,
+                    f.name.first,
+                    f.name.last,
+                )
+            })
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                (0, 0, 10, 12),
+                (0, 0, 13, 14),
+                (0, 0, 16, 16),
+                (0, 1, 0, 0),
+                (1, 0, 15, 15),
+            ]
+        );
+        assert_eq!(ex.report.rows, 8);
+        assert_eq!(ex.metrics.records_read.get(), 8);
+        assert_eq!(scan.resume_positions(), BTreeMap::from([(0, 17), (1, 1)]));
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
