@@ -8,7 +8,7 @@ SHELL := /bin/bash
 VENV  := tests/py/.venv
 CARGO ?= cargo
 
-.PHONY: run test infra-up infra-down infra-status infra-fetch cluster-up cluster-down cluster-status test-faults setup build py-deps lint bench clean
+.PHONY: run test infra-up infra-down infra-status infra-fetch cluster-up cluster-down cluster-status test-faults setup build py-deps lint bench clean schema-release
 
 ## run: start Kafka, Cassandra and the registry, create topics/schemas/tables, run the services
 run: infra-up build setup
@@ -87,3 +87,8 @@ bench:
 clean:
 	infra/stack.sh clean
 	$(CARGO) clean
+
+## schema-release: record the composed Envelope schema as the next released version
+## (schemas/released/envelope-v<N>.json) when the .avsc files changed; commit it with the change
+schema-release:
+	$(CARGO) run -q --locked -p chat-schemas --example envelope -- --release

@@ -30,6 +30,8 @@ use std::sync::OnceLock;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 
+pub mod released;
+
 pub use compose::{envelope_schema, envelope_schema_json};
 pub use error::SchemaError;
 pub use events::*;
