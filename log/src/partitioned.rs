@@ -60,9 +60,15 @@ struct Tracking {
     /// partition stops being reported before another member takes it.
     on_revoke: Mutex<Option<RevokeHook>>,
     on_assign: Mutex<Option<AssignHook>>,
+    /// The consumer group, the label of the lag metrics.
+    group: String,
 }
 
-impl ClientContext for Tracking {}
+impl ClientContext for Tracking {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::metrics::record_lag(&self.group, &statistics);
+    }
+}
 
 impl ConsumerContext for Tracking {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -199,11 +205,18 @@ impl PartitionedConsumer {
             // and are not revoked.
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            .set(
+                "statistics.interval.ms",
+                crate::metrics::STATS_INTERVAL_MS.to_string(),
+            );
         if !config.group_instance_id.is_empty() {
             client.set("group.instance.id", &config.group_instance_id);
         }
-        let consumer: StreamConsumer<Tracking> = client.create_with_context(Tracking::default())?;
+        let consumer: StreamConsumer<Tracking> = client.create_with_context(Tracking {
+            group: group_id.to_string(),
+            ..Tracking::default()
+        })?;
         consumer.subscribe(&[topic])?;
         Ok(Self {
             consumer: Arc::new(consumer),

@@ -1,0 +1,147 @@
+//! The metrics every client of the log exports, whatever the service: they
+//! live in chat-runtime's [`shared_metrics`](chat_runtime::shared_metrics)
+//! registry, so `/metrics` of every service names them the same way.
+//!
+//! - `chat_kafka_consumer_lag_records{group,topic,partition}`: records of a
+//!   partition not yet handed to the service (the partition's end, its last
+//!   stable offset for read-committed readers, minus the consumer's
+//!   position; before the first record, minus the committed offset). From
+//!   librdkafka's statistics every [`STATS_INTERVAL_MS`], for consumer
+//!   groups and for group-less tails (`group="tail:<topic>"`);
+//! - `chat_dlq_records_total{group,topic}`: records this process sent to the
+//!   dead-letter topic, by consumer group and origin topic;
+//! - `chat_log_records_skipped_total{component,reason}`: records a reader
+//!   could not use and, by design, does not dead-letter (a gateway's tails:
+//!   what they read is re-derivable, see ARCHITECTURE.md "Dead letters").
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use rdkafka::statistics::Statistics;
+use std::sync::OnceLock;
+
+/// `statistics.interval.ms` of the consumers (lag reports).
+pub const STATS_INTERVAL_MS: u64 = 5000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LagLabels {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DlqLabels {
+    pub group: String,
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    pub component: String,
+    pub reason: String,
+}
+
+/// The log crate's metrics (one set per process).
+#[derive(Clone, Default)]
+pub struct LogMetrics {
+    pub consumer_lag: Family<LagLabels, Gauge>,
+    pub dead_lettered: Family<DlqLabels, Counter>,
+    pub skipped: Family<SkipLabels, Counter>,
+}
+
+/// The process's log metrics, registered in the shared registry on first use.
+pub fn log_metrics() -> &'static LogMetrics {
+    static METRICS: OnceLock<LogMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let m = LogMetrics::default();
+        let mut reg = chat_runtime::shared_metrics()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        reg.register(
+            "chat_kafka_consumer_lag_records",
+            "Records of a partition not yet handed to the service (end minus position), by consumer group",
+            m.consumer_lag.clone(),
+        );
+        reg.register(
+            "chat_dlq_records",
+            "Records sent to the dead-letter topic by this process, by consumer group and origin topic",
+            m.dead_lettered.clone(),
+        );
+        reg.register(
+            "chat_log_records_skipped",
+            "Records a reader could not use and does not dead-letter by design (re-derivable data), by component and reason",
+            m.skipped.clone(),
+        );
+        m
+    })
+}
+
+/// Counts a record skipped without dead-lettering (see the module doc).
+pub fn count_skipped(component: &str, reason: &str) {
+    log_metrics()
+        .skipped
+        .get_or_create(&SkipLabels {
+            component: component.to_string(),
+            reason: reason.to_string(),
+        })
+        .inc();
+}
+
+/// Counts a record sent to the dead-letter topic.
+pub fn count_dead_lettered(group: &str, topic: &str) {
+    log_metrics()
+        .dead_lettered
+        .get_or_create(&DlqLabels {
+            group: group.to_string(),
+            topic: topic.to_string(),
+        })
+        .inc();
+}
+
+/// Sets the lag gauges of `group` from one librdkafka statistics report.
+pub(crate) fn record_lag(group: &str, stats: &Statistics) {
+    let m = log_metrics();
+    for (topic, t) in &stats.topics {
+        for (&partition, p) in &t.partitions {
+            // -1 is librdkafka's internal "unassigned" partition.
+            if partition < 0 || !p.desired {
+                continue;
+            }
+            let end = if p.ls_offset >= 0 {
+                p.ls_offset
+            } else {
+                p.hi_offset
+            };
+            let lag = if p.app_offset >= 0 && end >= 0 {
+                (end - p.app_offset).max(0)
+            } else if p.consumer_lag >= 0 {
+                p.consumer_lag
+            } else {
+                continue;
+            };
+            m.consumer_lag
+                .get_or_create(&LagLabels {
+                    group: group.to_string(),
+                    topic: topic.clone(),
+                    partition,
+                })
+                .set(lag);
+        }
+    }
+}
+
+/// A consumer context that exports the consumer's lag from librdkafka's
+/// statistics under `group`.
+pub(crate) struct LagContext {
+    pub(crate) group: String,
+}
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: Statistics) {
+        record_lag(&self.group, &statistics);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
