@@ -702,7 +702,12 @@ pub async fn run_presence_tail(
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + window);
                 }
             }
-            Ok(TailItem::Undecodable { .. }) => {}
+            // Not dead-lettered: every gateway reads all of chat.presence
+            // (one dead letter per gateway), and a presence change is
+            // superseded by the user's next one. Counted instead.
+            Ok(TailItem::Undecodable { .. }) => {
+                chat_log::metrics::count_skipped("gateway-presence", "undecodable");
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading chat.presence failed; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -739,7 +744,13 @@ pub async fn run_tail(
                 offset,
                 error,
             }) => {
+                // Not dead-lettered by design: deliveries and results are
+                // re-derivable (the event stays in chat.events, which the
+                // history projector dead-letters if it cannot read it; a
+                // client re-syncs from history), and a group-less tail has
+                // no position to redrive to. Counted instead.
                 tracing::warn!(component, partition, offset, %error, "undecodable record skipped");
+                chat_log::metrics::count_skipped(&format!("gateway-{component}"), "undecodable");
             }
             Err(e) => {
                 if !failing {

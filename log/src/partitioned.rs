@@ -121,6 +121,8 @@ pub enum BatchRecord {
         offset: i64,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
+        /// The record's headers (kept on its dead letter).
+        headers: Vec<(String, Vec<u8>)>,
         error: String,
     },
 }
@@ -299,6 +301,7 @@ impl PartitionedConsumer {
                 offset: f.offset,
                 key: f.key.clone(),
                 payload: f.payload.clone(),
+                headers: f.headers.clone(),
                 error,
             },
             // Only a decode given a shutdown token stops.

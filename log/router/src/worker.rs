@@ -1,7 +1,7 @@
 //! The router's two loops: the session registry tail and the event router.
 
 use chat_log::{
-    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, Outgoing,
+    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, OutRecord, Outgoing,
     PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
     HEADER_EVENTS_POSITION, HEADER_RECIPIENTS,
 };
@@ -287,6 +287,7 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         let mut out = Vec::new();
         let mut refused = None;
         let mut newest = None;
+        let mut dead = Vec::new();
         {
             let mut guard = lock(&members);
             let Some(state) = guard.get_mut(&p) else {
@@ -295,15 +296,39 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             for rec in &batch.records {
                 let ev = match rec {
                     BatchRecord::Event(ev) => ev,
-                    BatchRecord::Undecodable { offset, error, .. } => {
-                        refused = Some(RebuildError::Undecodable {
-                            partition: p,
-                            offset: *offset,
-                            error: error.clone(),
+                    // Nobody can read it (the sequencer wrote it, so the
+                    // registry lost its schema or the log was written by
+                    // something else): dead-letter it with its origin and
+                    // route the rest. Membership misses it as every reader
+                    // does; restores skip it too (see RestoreCtx::routing).
+                    BatchRecord::Undecodable {
+                        offset,
+                        key,
+                        payload,
+                        headers,
+                        error,
+                    } => {
+                        dead.push(OutRecord::Raw {
+                            topic: topics.dlq.clone(),
+                            partition: None,
+                            key: key.clone(),
+                            payload: payload.clone(),
+                            headers: chat_log::dlq::dead_letter_headers(
+                                &topics.events,
+                                p,
+                                *offset,
+                                error,
+                                &config.group_id,
+                                headers,
+                            ),
                         });
-                        break;
+                        continue;
                     }
                 };
+                // Re-driven from the DLQ for another consumer group: theirs.
+                if chat_log::dlq::redriven_elsewhere(&ev.headers, &config.group_id) {
+                    continue;
+                }
                 metrics.events.inc();
                 newest = Some((ev.offset, *ev.envelope.event_id.as_bytes()));
                 let routed = route(
@@ -336,6 +361,22 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             consumer.rewind(p, batch.first_offset()).await?;
             tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
             continue;
+        }
+        if !dead.is_empty() {
+            // Before the offset is committed: a crash re-reads the batch and
+            // may dead-letter a record twice, never lose one.
+            let n = dead.len();
+            if let Err(e) = dead_letter(&producer, dead).await {
+                tracing::warn!(partition = p, error = %e, "dead-lettering failed; retrying the batch");
+                unroute(&members, &sessions, p);
+                folded_to.remove(&p);
+                consumer.rewind(p, batch.first_offset()).await?;
+                continue;
+            }
+            for _ in 0..n {
+                chat_log::metrics::count_dead_lettered(&config.group_id, &topics.events);
+            }
+            tracing::warn!(partition = p, records = n, "undecodable events dead-lettered");
         }
         let n = out.len() as u64;
         let mark = Applied {
@@ -374,6 +415,26 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
     ephemeral_task.abort();
     producer.flush(Duration::from_secs(5)).await.ok();
     admin.await.ok();
+    Ok(())
+}
+
+/// Appends dead letters (raw records) to the DLQ, waiting for each.
+async fn dead_letter(producer: &EventProducer, dead: Vec<OutRecord>) -> anyhow::Result<()> {
+    for rec in dead {
+        if let OutRecord::Raw {
+            topic,
+            key,
+            payload,
+            headers,
+            ..
+        } = rec
+        {
+            let headers = chat_log::dlq::owned_headers_of(&headers);
+            producer
+                .send_raw(&topic, key.as_deref(), &payload, headers)
+                .await?;
+        }
+    }
     Ok(())
 }
 
@@ -428,7 +489,12 @@ async fn follow_ephemeral(
         };
         let ev = match item {
             Ok(TailItem::Event(ev)) => ev,
-            Ok(_) => continue,
+            // Typing indicators expire within seconds: not worth a dead
+            // letter (and every router instance reads every partition).
+            Ok(_) => {
+                chat_log::metrics::count_skipped("router-ephemeral", "undecodable");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "chat.ephemeral read failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -583,6 +649,9 @@ enum SessionAction {
 
 fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<SessionAction> {
     let TailItem::Event(ev) = item else {
+        // Every router reads all of chat.sessions without a group: the
+        // presence service's consumer group dead-letters it; here, counted.
+        chat_log::metrics::count_skipped("router-sessions", "undecodable");
         return None;
     };
     let e = &ev.envelope;

@@ -648,6 +648,7 @@ fn sequence_batch(
                 offset,
                 key,
                 payload,
+                headers,
                 error,
             } => {
                 tracing::warn!(partition = p, offset, %error, "undecodable command dead-lettered");
@@ -656,13 +657,17 @@ fn sequence_batch(
                     partition: None,
                     key: key.clone(),
                     payload: payload.clone(),
-                    headers: vec![
-                        ("dlq.topic".into(), topics.commands.clone().into_bytes()),
-                        ("dlq.partition".into(), p.to_string().into_bytes()),
-                        ("dlq.offset".into(), offset.to_string().into_bytes()),
-                        ("dlq.error".into(), error.clone().into_bytes()),
-                    ],
+                    headers: chat_log::dlq::dead_letter_headers(
+                        &topics.commands,
+                        p,
+                        *offset,
+                        error,
+                        &config.group_id,
+                        headers,
+                    ),
                 });
+                // Counted here: the transaction may still abort and redo the batch.
+                chat_log::metrics::count_dead_lettered(&config.group_id, &topics.commands);
                 continue;
             }
         };
