@@ -1,8 +1,8 @@
 //! The router's two loops: the session registry tail and the event router.
 
 use chat_log::{
-    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, OutRecord, Outgoing,
-    PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
+    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, OutRecord,
+    Outgoing, PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
     HEADER_EVENTS_POSITION, HEADER_RECIPIENTS,
 };
 use chat_runtime::telemetry::LogFormat;
@@ -376,7 +376,11 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             for _ in 0..n {
                 chat_log::metrics::count_dead_lettered(&config.group_id, &topics.events);
             }
-            tracing::warn!(partition = p, records = n, "undecodable events dead-lettered");
+            tracing::warn!(
+                partition = p,
+                records = n,
+                "undecodable events dead-lettered"
+            );
         }
         let n = out.len() as u64;
         let mark = Applied {
