@@ -204,9 +204,7 @@ impl EventConsumer {
             .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create_with_context(LagContext {
-                group: group_id.to_string(),
-            })?;
+            .create_with_context(LagContext::new(group_id))?;
         inner.subscribe(topics)?;
         Ok(Self {
             inner: Arc::new(inner),

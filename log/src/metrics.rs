@@ -7,7 +7,9 @@
 //!   stable offset for read-committed readers, minus the consumer's
 //!   position; before the first record, minus the committed offset). From
 //!   librdkafka's statistics every [`STATS_INTERVAL_MS`], for consumer
-//!   groups and for group-less tails (`group="tail:<topic>"`);
+//!   groups and for group-less tails (`group="tail"`: a gateway's
+//!   deliveries and results partitions, restores while they run); a
+//!   partition no longer read loses its gauge;
 //! - `chat_dlq_records_total{group,topic}`: records this process sent to the
 //!   dead-letter topic, by consumer group and origin topic;
 //! - `chat_log_records_skipped_total{component,reason}`: records a reader
@@ -100,9 +102,47 @@ pub fn count_dead_lettered(group: &str, topic: &str) {
         .inc();
 }
 
-/// Sets the lag gauges of `group` from one librdkafka statistics report.
-pub(crate) fn record_lag(group: &str, stats: &Statistics) {
+/// The lag gauges one consumer set: updated from each statistics report,
+/// those of partitions it no longer reads removed (after a rebalance), all
+/// removed when the consumer is dropped.
+#[derive(Default)]
+pub(crate) struct LagTracker {
+    group: String,
+    set: std::sync::Mutex<std::collections::HashSet<LagLabels>>,
+}
+
+impl LagTracker {
+    pub(crate) fn new(group: impl Into<String>) -> Self {
+        Self {
+            group: group.into(),
+            set: Default::default(),
+        }
+    }
+
+    pub(crate) fn report(&self, stats: &Statistics) {
+        let now = record_lag(&self.group, stats);
+        let mut set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in set.difference(&now) {
+            log_metrics().consumer_lag.remove(gone);
+        }
+        *set = now;
+    }
+}
+
+impl Drop for LagTracker {
+    fn drop(&mut self) {
+        let set = self.set.lock().unwrap_or_else(|e| e.into_inner());
+        for labels in set.iter() {
+            log_metrics().consumer_lag.remove(labels);
+        }
+    }
+}
+
+/// Sets the lag gauges of `group` from one librdkafka statistics report;
+/// returns the label sets it set.
+fn record_lag(group: &str, stats: &Statistics) -> std::collections::HashSet<LagLabels> {
     let m = log_metrics();
+    let mut set = std::collections::HashSet::new();
     for (topic, t) in &stats.topics {
         for (&partition, p) in &t.partitions {
             // -1 is librdkafka's internal "unassigned" partition.
@@ -121,26 +161,35 @@ pub(crate) fn record_lag(group: &str, stats: &Statistics) {
             } else {
                 continue;
             };
-            m.consumer_lag
-                .get_or_create(&LagLabels {
-                    group: group.to_string(),
-                    topic: topic.clone(),
-                    partition,
-                })
-                .set(lag);
+            let labels = LagLabels {
+                group: group.to_string(),
+                topic: topic.clone(),
+                partition,
+            };
+            m.consumer_lag.get_or_create(&labels).set(lag);
+            set.insert(labels);
         }
     }
+    set
 }
 
 /// A consumer context that exports the consumer's lag from librdkafka's
 /// statistics under `group`.
 pub(crate) struct LagContext {
-    pub(crate) group: String,
+    pub(crate) lag: LagTracker,
+}
+
+impl LagContext {
+    pub(crate) fn new(group: impl Into<String>) -> Self {
+        Self {
+            lag: LagTracker::new(group),
+        }
+    }
 }
 
 impl rdkafka::ClientContext for LagContext {
     fn stats(&self, statistics: Statistics) {
-        record_lag(&self.group, &statistics);
+        self.lag.report(&statistics);
     }
 }
 

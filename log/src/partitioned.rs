@@ -60,13 +60,13 @@ struct Tracking {
     /// partition stops being reported before another member takes it.
     on_revoke: Mutex<Option<RevokeHook>>,
     on_assign: Mutex<Option<AssignHook>>,
-    /// The consumer group, the label of the lag metrics.
-    group: String,
+    /// The lag gauges, labelled with the consumer group.
+    lag: crate::metrics::LagTracker,
 }
 
 impl ClientContext for Tracking {
     fn stats(&self, statistics: rdkafka::Statistics) {
-        crate::metrics::record_lag(&self.group, &statistics);
+        self.lag.report(&statistics);
     }
 }
 
@@ -216,7 +216,7 @@ impl PartitionedConsumer {
             client.set("group.instance.id", &config.group_instance_id);
         }
         let consumer: StreamConsumer<Tracking> = client.create_with_context(Tracking {
-            group: group_id.to_string(),
+            lag: crate::metrics::LagTracker::new(group_id),
             ..Tracking::default()
         })?;
         consumer.subscribe(&[topic])?;
