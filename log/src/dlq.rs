@@ -98,6 +98,42 @@ pub fn redriven_elsewhere(headers: &[(String, Vec<u8>)], group: &str) -> bool {
         .is_some_and(|(_, v)| v.as_slice() != group.as_bytes())
 }
 
+/// Dead-letters the undecodable records of one batch of a
+/// [`PartitionedConsumer`](crate::PartitionedConsumer) (read by `group` from
+/// `origin_topic`'s `partition`), waiting for each write, and counts them.
+/// Call it before committing the batch's offset: a crash re-reads the batch
+/// and may write a dead letter twice, never lose one. Returns how many.
+pub async fn dead_letter_undecodable(
+    producer: &crate::EventProducer,
+    dlq_topic: &str,
+    group: &str,
+    origin_topic: &str,
+    partition: i32,
+    records: &[crate::BatchRecord],
+) -> Result<usize, LogError> {
+    let mut n = 0;
+    for rec in records {
+        let crate::BatchRecord::Undecodable {
+            offset,
+            key,
+            payload,
+            headers,
+            error,
+        } = rec
+        else {
+            continue;
+        };
+        tracing::warn!(topic = %origin_topic, partition, offset, %error, %group, "dead-lettering undecodable record");
+        let h = dead_letter_headers(origin_topic, partition, *offset, error, group, headers);
+        producer
+            .send_raw(dlq_topic, key.as_deref(), payload, owned_headers_of(&h))
+            .await?;
+        crate::metrics::count_dead_lettered(group, origin_topic);
+        n += 1;
+    }
+    Ok(n)
+}
+
 /// How a dead letter was handled (the value of its `chat.dlq-handled` record).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Handled {
@@ -296,6 +332,9 @@ async fn txn_producer(config: &LogConfig) -> Result<FutureProducer, LogError> {
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", "10000")
+        // A run killed mid-transaction holds back read-committed readers of
+        // the partitions it wrote to until the next run fences it or this.
+        .set("transaction.timeout.ms", "15000")
         .create()?;
     let p = producer.clone();
     tokio::task::spawn_blocking(move || p.init_transactions(TXN_TIMEOUT))

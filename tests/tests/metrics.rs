@@ -2,8 +2,10 @@
 //! export: every metric name in the PromQL of
 //! `infra/grafana/chat-dashboard.json` and `infra/prometheus/alerts.yml` is
 //! found in the `/metrics` of some service of a running platform after some
-//! traffic and an undecodable record on `chat.events` (which the history
-//! projector and the router dead-letter, and the router routes on after).
+//! traffic and undecodable records: on `chat.events` (which the history
+//! projector and the router dead-letter, and the router routes on after)
+//! and on `chat.sessions` (which the presence service dead-letters and the
+//! router's group-less session tail counts as skipped).
 //! The check itself is tested with a dashboard naming a metric nobody exports.
 
 use chat_tests::platform::{Options, Platform, Role};
@@ -284,6 +286,16 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
         .unwrap();
     }
 
+    raw.send(
+        FutureRecord::to(&p.log.topics.sessions)
+            .partition(0)
+            .key("alice")
+            .payload("not a session event"),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+
     // The router dead-letters them and goes on routing: a message sent
     // after them reaches its live connection.
     let a = alice
@@ -321,7 +333,13 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
                 .collect::<BTreeSet<i32>>()
         };
         let all: BTreeSet<i32> = (0..partitions).collect();
-        if of(format!("{prefix}router")) == all && of(format!("{prefix}history")) == all {
+        let presence = dead.iter().any(|d| {
+            d.group.as_deref() == Some(format!("{prefix}presence").as_str())
+                && d.topic.as_deref() == Some(p.log.topics.sessions.as_str())
+                && d.partition == Some(0)
+        });
+        if of(format!("{prefix}router")) == all && of(format!("{prefix}history")) == all && presence
+        {
             break;
         }
         assert!(
@@ -350,6 +368,16 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     assert!(
         chat_tests::metric(router, "chat_dlq_records_total", None).await >= f64::from(partitions)
     );
+    // The router's session tail skipped the bad session record (counted).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let skipped = Some("component=\"router-sessions\"");
+    while chat_tests::metric(router, "chat_log_records_skipped_total", skipped).await != 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "router-sessions skipped count is not 1"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     drop(alice);
     p.stop().await;
 }

@@ -1,8 +1,8 @@
 //! The router's two loops: the session registry tail and the event router.
 
 use chat_log::{
-    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, OutRecord,
-    Outgoing, PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
+    deliveries_partition, events_position, BatchRecord, EventProducer, LogConfig, Outgoing,
+    PartitionedConsumer, SchemaRegistry, TailItem, TailStart, TopicTail, Topics,
     HEADER_EVENTS_POSITION, HEADER_RECIPIENTS,
 };
 use chat_runtime::telemetry::LogFormat;
@@ -287,7 +287,6 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
         let mut out = Vec::new();
         let mut refused = None;
         let mut newest = None;
-        let mut dead = Vec::new();
         {
             let mut guard = lock(&members);
             let Some(state) = guard.get_mut(&p) else {
@@ -298,32 +297,10 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
                     BatchRecord::Event(ev) => ev,
                     // Nobody can read it (the sequencer wrote it, so the
                     // registry lost its schema or the log was written by
-                    // something else): dead-letter it with its origin and
-                    // route the rest. Membership misses it as every reader
-                    // does; restores skip it too (see RestoreCtx::routing).
-                    BatchRecord::Undecodable {
-                        offset,
-                        key,
-                        payload,
-                        headers,
-                        error,
-                    } => {
-                        dead.push(OutRecord::Raw {
-                            topic: topics.dlq.clone(),
-                            partition: None,
-                            key: key.clone(),
-                            payload: payload.clone(),
-                            headers: chat_log::dlq::dead_letter_headers(
-                                &topics.events,
-                                p,
-                                *offset,
-                                error,
-                                &config.group_id,
-                                headers,
-                            ),
-                        });
-                        continue;
-                    }
+                    // something else): dead-lettered below with its origin;
+                    // the rest is routed. Membership misses it as every
+                    // reader does; restores skip it too (RestoreCtx::routing).
+                    BatchRecord::Undecodable { .. } => continue,
                 };
                 // Re-driven from the DLQ for another consumer group: theirs.
                 if chat_log::dlq::redriven_elsewhere(&ev.headers, &config.group_id) {
@@ -362,25 +339,22 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
             continue;
         }
-        if !dead.is_empty() {
-            // Before the offset is committed: a crash re-reads the batch and
-            // may dead-letter a record twice, never lose one.
-            let n = dead.len();
-            if let Err(e) = dead_letter(&producer, dead).await {
-                tracing::warn!(partition = p, error = %e, "dead-lettering failed; retrying the batch");
-                unroute(&members, &sessions, p);
-                folded_to.remove(&p);
-                consumer.rewind(p, batch.first_offset()).await?;
-                continue;
-            }
-            for _ in 0..n {
-                chat_log::metrics::count_dead_lettered(&config.group_id, &topics.events);
-            }
-            tracing::warn!(
-                partition = p,
-                records = n,
-                "undecodable events dead-lettered"
-            );
+        // Before the offset is committed (see dead_letter_undecodable).
+        let dead = chat_log::dlq::dead_letter_undecodable(
+            &producer,
+            &topics.dlq,
+            &config.group_id,
+            &topics.events,
+            p,
+            &batch.records,
+        )
+        .await;
+        if let Err(e) = dead {
+            tracing::warn!(partition = p, error = %e, "dead-lettering failed; retrying the batch");
+            unroute(&members, &sessions, p);
+            folded_to.remove(&p);
+            consumer.rewind(p, batch.first_offset()).await?;
+            continue;
         }
         let n = out.len() as u64;
         let mark = Applied {
@@ -419,26 +393,6 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
     ephemeral_task.abort();
     producer.flush(Duration::from_secs(5)).await.ok();
     admin.await.ok();
-    Ok(())
-}
-
-/// Appends dead letters (raw records) to the DLQ, waiting for each.
-async fn dead_letter(producer: &EventProducer, dead: Vec<OutRecord>) -> anyhow::Result<()> {
-    for rec in dead {
-        if let OutRecord::Raw {
-            topic,
-            key,
-            payload,
-            headers,
-            ..
-        } = rec
-        {
-            let headers = chat_log::dlq::owned_headers_of(&headers);
-            producer
-                .send_raw(&topic, key.as_deref(), &payload, headers)
-                .await?;
-        }
-    }
     Ok(())
 }
 
