@@ -219,6 +219,41 @@ async fn a_refused_record_is_dead_lettered_then_redriven_once_to_its_consumer() 
     assert!(shown["decode_error"].is_string(), "{shown:#}");
     assert_eq!(shown["key"], "garbage");
 
+    // The text forms say the same.
+    let (code, table, _) = admin(&log, &["list"]).await;
+    assert_eq!(code, 0);
+    println!("{table}");
+    let origin = format!("{}[{}]@{}", log.topics.events, at.partition, at.offset);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&origin) && l.contains("projector-x") && l.contains("refused")),
+        "{table}"
+    );
+    let (code, text, _) = admin(&log, &["show", &u]).await;
+    assert_eq!(code, 0);
+    println!("{text}");
+    assert!(
+        text.contains("header       trace_id = trace-garbage"),
+        "{text}"
+    );
+    assert!(text.contains("decodes now  no:"), "{text}");
+
+    // An unreachable registry is named (show still prints the record).
+    let out = Command::new(binary("chat-admin", "debug").unwrap())
+        .args(["dlq", "show", &poison_dlq.to_string()])
+        .env("CHAT_LOG__TOPIC_PREFIX", &log.config.topic_prefix)
+        .env("CHAT_LOG__BROKERS", &log.config.brokers)
+        .env("CHAT_LOG__REGISTRY_URL", "http://127.0.0.1:1")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("decodes now  no: cannot reach the schema registry at http://127.0.0.1:1"),
+        "{text}"
+    );
+
     // A redrive must name records or a filter.
     let (code, _, err) = admin(&log, &["redrive"]).await;
     assert_ne!(code, 0);
