@@ -194,3 +194,75 @@ impl rdkafka::ClientContext for LagContext {
 }
 
 impl rdkafka::consumer::ConsumerContext for LagContext {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::statistics::{Partition, Topic};
+
+    fn stats(topic: &str, partitions: &[(i32, i64, i64, i64)]) -> Statistics {
+        let mut t = Topic::default();
+        for &(p, ls, app, committed_lag) in partitions {
+            t.partitions.insert(
+                p,
+                Partition {
+                    partition: p,
+                    desired: true,
+                    ls_offset: ls,
+                    hi_offset: ls,
+                    app_offset: app,
+                    consumer_lag: committed_lag,
+                    ..Partition::default()
+                },
+            );
+        }
+        // librdkafka's internal "unassigned" partition is never reported.
+        t.partitions.insert(-1, Partition::default());
+        let mut s = Statistics::default();
+        s.topics.insert(topic.to_string(), t);
+        s
+    }
+
+    /// Whether the gauge exists (removes it: only for absence checks).
+    fn present(group: &str, topic: &str, partition: i32) -> bool {
+        log_metrics().consumer_lag.remove(&LagLabels {
+            group: group.into(),
+            topic: topic.into(),
+            partition,
+        })
+    }
+
+    #[test]
+    fn lag_is_end_minus_position_and_gauges_of_lost_partitions_go() {
+        let tracker = LagTracker::new("g-lag-test");
+        // Partition 0: position 90 of 100; partition 1: nothing read yet,
+        // committed lag 7; partition 2: nothing known.
+        tracker.report(&stats(
+            "t",
+            &[(0, 100, 90, -1), (1, 50, -1, 7), (2, -1, -1, -1)],
+        ));
+        let m = log_metrics();
+        let get = |p| {
+            m.consumer_lag
+                .get_or_create(&LagLabels {
+                    group: "g-lag-test".into(),
+                    topic: "t".into(),
+                    partition: p,
+                })
+                .get()
+        };
+        assert_eq!(get(0), 10);
+        assert_eq!(get(1), 7);
+        assert_eq!(
+            tracker.set.lock().unwrap().len(),
+            2,
+            "partition 2 and -1 are not reported"
+        );
+        // A rebalance took partition 1 away: its gauge is removed.
+        tracker.report(&stats("t", &[(0, 100, 100, -1)]));
+        assert_eq!(get(0), 0);
+        assert!(!present("g-lag-test", "t", 1));
+        drop(tracker);
+        assert!(!present("g-lag-test", "t", 0), "dropped with its consumer");
+    }
+}
