@@ -368,6 +368,36 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     assert!(
         chat_tests::metric(router, "chat_dlq_records_total", None).await >= f64::from(partitions)
     );
+    // The history projector's lag on every chat.events partition is
+    // reported, and is 0 once it has read everything.
+    let history = p.admin(Role::History, 0);
+    let series = format!(
+        "chat_kafka_consumer_lag_records{{group=\"{prefix}history\",topic=\"{}\",partition=",
+        p.log.topics.events
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = reqwest::get(format!("http://{history}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let lags: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&series))
+            .filter_map(|l| l.rsplit(' ').next())
+            .collect();
+        if lags.len() == partitions as usize && lags.iter().all(|v| *v == "0") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history lag per partition not reported as 0: {lags:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
     // The router's session tail skipped the bad session record (counted).
     let deadline = tokio::time::Instant::now() + WAIT;
     let skipped = Some("component=\"router-sessions\"");
