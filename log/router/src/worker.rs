@@ -308,8 +308,15 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
                 }
                 metrics.events.inc();
                 newest = Some((ev.offset, *ev.envelope.event_id.as_bytes()));
+                // A copy re-driven from the DLQ comes after later events of
+                // its chat: folded like a replay (an old seq is skipped, not
+                // refused), routed all the same.
+                let redriven = ev
+                    .header_bytes(chat_log::dlq::HEADER_REDRIVEN_FROM)
+                    .is_some();
                 let routed = route(
                     &ev.envelope,
+                    redriven,
                     state,
                     &sessions,
                     p,
@@ -503,6 +510,7 @@ async fn follow_ephemeral(
 #[allow(clippy::too_many_arguments)]
 fn route(
     ev: &Envelope,
+    redriven: bool,
     state: &mut PartitionState,
     sessions: &Mutex<Sessions>,
     partition: i32,
@@ -514,7 +522,11 @@ fn route(
     let Some(chat) = ev.chat_id else {
         return Ok(());
     };
-    state.apply(ev)?;
+    if redriven {
+        state.apply_again(ev)?;
+    } else {
+        state.apply(ev)?;
+    }
     let mut recipients: BTreeSet<String> = state
         .chat(&chat)
         .map(|c| c.members.keys().cloned().collect())
