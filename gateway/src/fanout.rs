@@ -137,6 +137,30 @@ pub struct Watching {
 /// Queues drained with more capacity than this are released.
 const KEEP_CAPACITY: usize = 8;
 
+/// Live events queued in the mailboxes of every connection of the process
+/// (`chat_gateway_mailbox_queued_events`).
+pub fn queued_events() -> &'static prometheus_client::metrics::gauge::Gauge {
+    static G: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge> =
+        std::sync::OnceLock::new();
+    G.get_or_init(Default::default)
+}
+
+/// Command results queued in the mailboxes of every connection of the
+/// process (`chat_gateway_mailbox_queued_results`).
+pub fn queued_results() -> &'static prometheus_client::metrics::gauge::Gauge {
+    static G: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge> =
+        std::sync::OnceLock::new();
+    G.get_or_init(Default::default)
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        let q = self.queues();
+        queued_events().dec_by(q.events.len() as i64);
+        queued_results().dec_by(q.results.len() as i64);
+    }
+}
+
 impl Mailbox {
     pub fn new(events_cap: usize, results_cap: usize) -> Self {
         Self {
@@ -161,6 +185,7 @@ impl Mailbox {
             }
             q.events.push_back(e);
         }
+        queued_events().inc();
         self.notify.notify_one();
         true
     }
@@ -174,6 +199,7 @@ impl Mailbox {
             }
             q.results.push_back(r);
         }
+        queued_results().inc();
         self.notify.notify_one();
         true
     }
@@ -182,6 +208,9 @@ impl Mailbox {
     pub fn pop_event(&self) -> Option<LiveEvent> {
         let mut q = self.queues();
         let e = q.events.pop_front();
+        if e.is_some() {
+            queued_events().dec();
+        }
         if q.events.is_empty() && q.events.capacity() > KEEP_CAPACITY {
             q.events = VecDeque::new();
         }
@@ -192,6 +221,9 @@ impl Mailbox {
     pub fn pop_result(&self) -> Option<ResultMsg> {
         let mut q = self.queues();
         let r = q.results.pop_front();
+        if r.is_some() {
+            queued_results().dec();
+        }
         if q.results.is_empty() && q.results.capacity() > KEEP_CAPACITY {
             q.results = VecDeque::new();
         }
@@ -702,7 +734,12 @@ pub async fn run_presence_tail(
                     deadline.get_or_insert_with(|| tokio::time::Instant::now() + window);
                 }
             }
-            Ok(TailItem::Undecodable { .. }) => {}
+            // Not dead-lettered: every gateway reads all of chat.presence
+            // (one dead letter per gateway), and a presence change is
+            // superseded by the user's next one. Counted instead.
+            Ok(TailItem::Undecodable { .. }) => {
+                chat_log::metrics::count_skipped("gateway-presence", "undecodable");
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "reading chat.presence failed; retrying");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
@@ -739,7 +776,13 @@ pub async fn run_tail(
                 offset,
                 error,
             }) => {
+                // Not dead-lettered by design: deliveries and results are
+                // re-derivable (the event stays in chat.events, which the
+                // history projector dead-letters if it cannot read it; a
+                // client re-syncs from history), and a group-less tail has
+                // no position to redrive to. Counted instead.
                 tracing::warn!(component, partition, offset, %error, "undecodable record skipped");
+                chat_log::metrics::count_skipped(&format!("gateway-{component}"), "undecodable");
             }
             Err(e) => {
                 if !failing {

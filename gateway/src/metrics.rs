@@ -167,6 +167,16 @@ impl GatewayMetrics {
             "Reads answered rate_limited because the connection had limits.max_concurrent_reads running",
             m.reads_refused.clone(),
         );
+        registry.register(
+            "mailbox_queued_events",
+            "Live events queued for sending, summed over the process's connections (each holds at most limits.outbound_queue)",
+            crate::fanout::queued_events().clone(),
+        );
+        registry.register(
+            "mailbox_queued_results",
+            "Command results queued for sending, summed over the process's connections",
+            crate::fanout::queued_results().clone(),
+        );
         m
     }
 

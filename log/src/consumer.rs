@@ -11,13 +11,15 @@
 
 use chat_schemas::Envelope;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Headers, Message};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+use crate::dlq::redriven_elsewhere;
 use crate::error::recv_through_transient;
+use crate::metrics::{LagContext, STATS_INTERVAL_MS};
 use crate::registry::DecodeFailure;
 use crate::topics::{base_client_config, check_brokers};
 use crate::{EventProducer, LogConfig, LogError, SchemaRegistry, HEADER_TRACE_ID};
@@ -160,9 +162,10 @@ pub enum HandlerError {
 
 /// A consumer-group member reading envelopes from one or more topics.
 pub struct EventConsumer {
-    inner: Arc<StreamConsumer>,
+    inner: Arc<StreamConsumer<LagContext>>,
     producer: EventProducer,
     dlq_topic: String,
+    group: String,
 }
 
 impl std::fmt::Debug for EventConsumer {
@@ -188,8 +191,9 @@ impl EventConsumer {
         check_brokers(config).await?;
         let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
         crate::topics::check_topics_exist(config, &names).await?;
-        let inner: StreamConsumer = base_client_config(config)
+        let inner: StreamConsumer<LagContext> = base_client_config(config)
             .set("group.id", group_id)
+            .set("statistics.interval.ms", STATS_INTERVAL_MS.to_string())
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             // Offsets are stored by us, after the handler succeeded.
@@ -200,12 +204,13 @@ impl EventConsumer {
             .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
-            .create()?;
+            .create_with_context(LagContext::new(group_id))?;
         inner.subscribe(topics)?;
         Ok(Self {
             inner: Arc::new(inner),
             producer,
             dlq_topic: dlq_topic.to_string(),
+            group: group_id.to_string(),
         })
     }
 
@@ -241,13 +246,15 @@ impl EventConsumer {
             };
             let f = Fetched::of(&msg);
             drop(msg);
+            if redriven_elsewhere(&f.headers, &self.group) {
+                self.inner.store_offset(&f.topic, f.partition, f.offset)?;
+                continue;
+            }
             let (topic, partition, offset) = (f.topic.clone(), f.partition, f.offset);
-            let (key, payload) = (f.key.clone(), f.payload.clone());
             let event = match decode_fetched(self.producer.registry(), &f, Some(shutdown)).await {
                 Decoded::Event(e) => Some(*e),
                 Decoded::Undecodable(why) => {
-                    self.dead_letter(&topic, partition, offset, key.as_deref(), &payload, &why)
-                        .await?;
+                    self.dead_letter_fetched(&f, &why).await?;
                     None
                 }
                 Decoded::Stopped => return Ok(()),
@@ -265,15 +272,7 @@ impl EventConsumer {
                             }
                         }
                         Err(HandlerError::DeadLetter(why)) => {
-                            self.dead_letter(
-                                &topic,
-                                partition,
-                                offset,
-                                key.as_deref(),
-                                &payload,
-                                &why,
-                            )
-                            .await?;
+                            self.dead_letter_fetched(&f, &why).await?;
                             break;
                         }
                         Err(HandlerError::Fatal(why)) => {
@@ -343,6 +342,11 @@ impl EventConsumer {
             let mut events = Vec::with_capacity(fetched.len());
             let mut origin = Vec::with_capacity(fetched.len());
             for (i, f) in fetched.iter().enumerate() {
+                // Re-driven for another group: that group's business (the
+                // offset is still stored below).
+                if redriven_elsewhere(&f.headers, &self.group) {
+                    continue;
+                }
                 match decode_fetched(self.producer.registry(), f, Some(shutdown)).await {
                     Decoded::Event(e) => {
                         events.push(*e);
@@ -402,49 +406,25 @@ impl EventConsumer {
     }
 
     async fn dead_letter_fetched(&self, f: &Fetched, why: &str) -> Result<(), LogError> {
-        self.dead_letter(
+        tracing::warn!(topic = %f.topic, partition = f.partition, offset = f.offset, %why, dlq = %self.dlq_topic, group = %self.group, "dead-lettering record");
+        let headers = crate::dlq::dead_letter_headers(
             &f.topic,
             f.partition,
             f.offset,
-            f.key.as_deref(),
-            &f.payload,
             why,
-        )
-        .await
-    }
-
-    async fn dead_letter(
-        &self,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-        key: Option<&[u8]>,
-        payload: &[u8],
-        why: &str,
-    ) -> Result<(), LogError> {
-        tracing::warn!(%topic, partition, offset, %why, dlq = %self.dlq_topic, "dead-lettering record");
-        let (p, o) = (partition.to_string(), offset.to_string());
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "dlq.topic",
-                value: Some(topic.as_bytes()),
-            })
-            .insert(Header {
-                key: "dlq.partition",
-                value: Some(p.as_bytes()),
-            })
-            .insert(Header {
-                key: "dlq.offset",
-                value: Some(o.as_bytes()),
-            })
-            .insert(Header {
-                key: "dlq.error",
-                value: Some(why.as_bytes()),
-            });
+            &self.group,
+            &f.headers,
+        );
         self.producer
-            .send_raw(&self.dlq_topic, key, payload, headers)
-            .await
-            .map(|_| ())
+            .send_raw(
+                &self.dlq_topic,
+                f.key.as_deref(),
+                &f.payload,
+                crate::dlq::owned_headers_of(&headers),
+            )
+            .await?;
+        crate::metrics::count_dead_lettered(&self.group, &f.topic);
+        Ok(())
     }
 
     /// Commits the stored offsets synchronously (on shutdown).
@@ -478,6 +458,8 @@ async fn sleep_or_shutdown(backoff: &mut Duration, shutdown: &CancellationToken)
 #[derive(Clone, Debug)]
 pub struct RawRecord {
     pub partition: i32,
+    /// The record's timestamp (ms since the epoch), when it has one.
+    pub timestamp_ms: Option<i64>,
     pub offset: i64,
     pub key: Option<Vec<u8>>,
     pub payload: Vec<u8>,
@@ -511,6 +493,7 @@ pub async fn read_raw(
         let headers = owned_headers(&msg);
         out.push(RawRecord {
             partition: msg.partition(),
+            timestamp_ms: msg.timestamp().to_millis(),
             offset: msg.offset(),
             key: msg.key().map(<[u8]>::to_vec),
             payload: msg.payload().unwrap_or_default().to_vec(),
@@ -580,6 +563,7 @@ pub async fn read_partition_raw(
                 }
                 f(RawRecord {
                     partition: msg.partition(),
+                    timestamp_ms: msg.timestamp().to_millis(),
                     offset: msg.offset(),
                     key: msg.key().map(<[u8]>::to_vec),
                     payload: msg.payload().unwrap_or_default().to_vec(),

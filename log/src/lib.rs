@@ -11,7 +11,10 @@
 //!   trace id and the event kind in Kafka headers;
 //! - [`consumer`]: a typed consumer that stores an offset only after its
 //!   handler succeeded, and sends records that fail to decode to the
-//!   dead-letter topic with their partition and offset.
+//!   dead-letter topic with their partition and offset;
+//! - [`dlq`]: reading the dead-letter topic with filters, re-driving records
+//!   to the partition they came from (once), marking them handled;
+//! - [`metrics`]: consumer lag and dead-letter counters every service exports.
 //!
 //! Guarantees: at-least-once consumption (a handler may see a record again
 //! after a crash, never miss one); per-partition order as Kafka keeps it;
@@ -31,7 +34,9 @@
 
 pub mod config;
 pub mod consumer;
+pub mod dlq;
 pub mod error;
+pub mod metrics;
 pub mod partitioned;
 pub mod producer;
 pub mod registry;

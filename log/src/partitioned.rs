@@ -60,9 +60,15 @@ struct Tracking {
     /// partition stops being reported before another member takes it.
     on_revoke: Mutex<Option<RevokeHook>>,
     on_assign: Mutex<Option<AssignHook>>,
+    /// The lag gauges, labelled with the consumer group.
+    lag: crate::metrics::LagTracker,
 }
 
-impl ClientContext for Tracking {}
+impl ClientContext for Tracking {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        self.lag.report(&statistics);
+    }
+}
 
 impl ConsumerContext for Tracking {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -115,6 +121,8 @@ pub enum BatchRecord {
         offset: i64,
         key: Option<Vec<u8>>,
         payload: Vec<u8>,
+        /// The record's headers (kept on its dead letter).
+        headers: Vec<(String, Vec<u8>)>,
         error: String,
     },
 }
@@ -199,11 +207,18 @@ impl PartitionedConsumer {
             // and are not revoked.
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", config.session_timeout_ms.to_string())
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            .set(
+                "statistics.interval.ms",
+                crate::metrics::STATS_INTERVAL_MS.to_string(),
+            );
         if !config.group_instance_id.is_empty() {
             client.set("group.instance.id", &config.group_instance_id);
         }
-        let consumer: StreamConsumer<Tracking> = client.create_with_context(Tracking::default())?;
+        let consumer: StreamConsumer<Tracking> = client.create_with_context(Tracking {
+            lag: crate::metrics::LagTracker::new(group_id),
+            ..Tracking::default()
+        })?;
         consumer.subscribe(&[topic])?;
         Ok(Self {
             consumer: Arc::new(consumer),
@@ -286,6 +301,7 @@ impl PartitionedConsumer {
                 offset: f.offset,
                 key: f.key.clone(),
                 payload: f.payload.clone(),
+                headers: f.headers.clone(),
                 error,
             },
             // Only a decode given a shutdown token stops.

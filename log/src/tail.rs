@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use crate::consumer::{decode_fetched, Decoded, Fetched};
 use crate::error::recv_through_transient;
+use crate::metrics::{LagContext, STATS_INTERVAL_MS};
 use crate::topics::{base_client_config, check_topics_exist};
 use crate::{ConsumedEvent, LogConfig, LogError, SchemaRegistry};
 
@@ -57,7 +58,7 @@ pub enum TailItem {
 
 /// Reads the assigned partitions of one topic.
 pub struct TopicTail {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     registry: Arc<SchemaRegistry>,
     topic: String,
     partitions: Vec<i32>,
@@ -86,15 +87,16 @@ impl TopicTail {
         start: TailStart,
     ) -> Result<Self, LogError> {
         check_topics_exist(config, &[topic.to_string()]).await?;
-        let consumer: StreamConsumer = base_client_config(config)
+        let consumer: StreamConsumer<LagContext> = base_client_config(config)
             // A group id is required by librdkafka even without subscribing; nothing is committed.
             .set("group.id", format!("tail-{}", uuid::Uuid::new_v4()))
+            .set("statistics.interval.ms", STATS_INTERVAL_MS.to_string())
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
             .set("fetch.min.bytes", config.fetch_min_bytes.to_string())
-            .create()?;
+            .create_with_context(LagContext::new("tail"))?;
         let consumer = Arc::new(consumer);
         let partitions = match partitions {
             Some(p) => p,
@@ -294,7 +296,7 @@ impl Drop for Parked<'_> {
 }
 
 async fn partition_ids(
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     topic: &str,
     config: &LogConfig,
 ) -> Result<Vec<i32>, LogError> {

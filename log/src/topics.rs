@@ -13,6 +13,7 @@
 //! | `chat.results` | gateway id | the sequencer's `CommandResult`s (acks), apart from deliveries so an open sequencer transaction never holds back live events |
 //! | `chat.push` | user id | push tasks for users with no live session |
 //! | `chat.dlq` | original key | records that could not be decoded or handled, with their origin in headers |
+//! | `chat.dlq-handled` | `<dlq partition>:<dlq offset>` | which dead letters were re-driven or dropped (compacted; JSON, not Avro: see [`crate::dlq`]) |
 //! | `chat.sequencer-state` | chat id / `@applied` | the sequencer's state store changelog (compacted; not Avro: see `chat_sequencer::store`) |
 //! | `chat.router-state` | chat id / `@applied` | the router's membership store changelog (compacted; not Avro) |
 
@@ -57,6 +58,8 @@ pub struct Topics {
     pub results: String,
     pub push: String,
     pub dlq: String,
+    /// Dead letters re-driven or dropped (see [`crate::dlq`]).
+    pub dlq_handled: String,
     /// Changelog of the sequencer's state store (partition = `chat.events` partition).
     pub sequencer_state: String,
     /// Changelog of the router's membership store (partition = `chat.events` partition).
@@ -78,6 +81,7 @@ impl Topics {
             results: format!("{p}chat.results"),
             push: format!("{p}chat.push"),
             dlq: format!("{p}chat.dlq"),
+            dlq_handled: format!("{p}chat.dlq-handled"),
             sequencer_state: format!("{p}chat.sequencer-state"),
             router_state: format!("{p}chat.router-state"),
             chat_partitions: config.chat_partitions,
@@ -106,6 +110,7 @@ impl Topics {
             spec(&self.results, chat, "delete", DAY_MS, true),
             spec(&self.push, chat, "delete", 7 * DAY_MS, true),
             spec(&self.dlq, 1, "delete", 30 * DAY_MS, true),
+            spec(&self.dlq_handled, 1, "compact", -1, true),
             spec(&self.sequencer_state, chat, "compact", -1, true),
             spec(&self.router_state, chat, "compact", -1, true),
         ]
@@ -118,7 +123,9 @@ impl Topics {
         self.specs()
             .into_iter()
             .map(|s| s.name)
-            .filter(|n| *n != self.sequencer_state && *n != self.router_state)
+            .filter(|n| {
+                *n != self.sequencer_state && *n != self.router_state && *n != self.dlq_handled
+            })
             .collect()
     }
 }
@@ -369,6 +376,7 @@ mod tests {
                 "chat.results",
                 "chat.push",
                 "chat.dlq",
+                "chat.dlq-handled",
                 "chat.sequencer-state",
                 "chat.router-state"
             ]

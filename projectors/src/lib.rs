@@ -15,9 +15,12 @@
 //! Workers: [`history`] (`chat-history`): `chat.events` -> the history
 //! tables, the reconnect-sync markers and its progress.
 //!
+//! [`admin`] holds `chat-admin`'s commands.
+//!
 //! [`store`] is the one boundary to Cassandra: no other module uses the driver.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod history;
 pub mod presence;
 pub mod store;

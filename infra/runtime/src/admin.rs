@@ -1,9 +1,16 @@
 //! The admin endpoint every long-running service serves on its own port:
 //! `GET /health` (200 when every component reports ready, 503 with the
 //! reasons otherwise) and `GET /metrics` (Prometheus text format).
+//!
+//! `/metrics` serves the service's own registry (names prefixed by the
+//! service, e.g. `chat_router_`) followed by the process-wide
+//! [`shared_metrics`] registry, where libraries used by several services
+//! (the log crate's consumer lag and dead-letter counters) register metrics
+//! under one name for every service (`chat_kafka_consumer_lag_records`).
 
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
-use prometheus_client::{encoding::text::encode, registry::Registry};
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -13,6 +20,14 @@ use crate::Shutdown;
 /// The metric registry of a process. Each crate registers its metrics in
 /// its own `metrics.rs` against this at start-up.
 pub type Metrics = Arc<Registry>;
+
+/// The process-wide registry of metrics that libraries export under the
+/// same name in every service (no service prefix). Served by every admin
+/// endpoint after the service's own registry.
+pub fn shared_metrics() -> &'static Mutex<Registry> {
+    static SHARED: std::sync::OnceLock<Mutex<Registry>> = std::sync::OnceLock::new();
+    SHARED.get_or_init(|| Mutex::new(Registry::default()))
+}
 
 /// Readiness of a process's components ("kafka", "cassandra", ...).
 #[derive(Clone, Debug, Default)]
@@ -109,7 +124,13 @@ async fn health_handler(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn metrics_handler(State(s): State<AdminState>) -> impl IntoResponse {
     let mut out = String::new();
-    match encode(&mut out, &s.metrics) {
+    let encoded = encode_registry(&mut out, &s.metrics)
+        .and_then(|()| {
+            let shared = shared_metrics().lock().unwrap_or_else(|e| e.into_inner());
+            encode_registry(&mut out, &shared)
+        })
+        .and_then(|()| encode_eof(&mut out));
+    match encoded {
         Ok(()) => (
             StatusCode::OK,
             [(

@@ -19,7 +19,7 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use admin::{serve_admin, Health, Metrics};
+pub use admin::{serve_admin, shared_metrics, Health, Metrics};
 pub use config::{load_config, Secret};
 pub use service::{service_main, ServiceConfig};
 pub use shutdown::Shutdown;

@@ -295,19 +295,28 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             for rec in &batch.records {
                 let ev = match rec {
                     BatchRecord::Event(ev) => ev,
-                    BatchRecord::Undecodable { offset, error, .. } => {
-                        refused = Some(RebuildError::Undecodable {
-                            partition: p,
-                            offset: *offset,
-                            error: error.clone(),
-                        });
-                        break;
-                    }
+                    // Nobody can read it (the sequencer wrote it, so the
+                    // registry lost its schema or the log was written by
+                    // something else): dead-lettered below with its origin;
+                    // the rest is routed. Membership misses it as every
+                    // reader does; restores skip it too (RestoreCtx::routing).
+                    BatchRecord::Undecodable { .. } => continue,
                 };
+                // Re-driven from the DLQ for another consumer group: theirs.
+                if chat_log::dlq::redriven_elsewhere(&ev.headers, &config.group_id) {
+                    continue;
+                }
                 metrics.events.inc();
                 newest = Some((ev.offset, *ev.envelope.event_id.as_bytes()));
+                // A copy re-driven from the DLQ comes after later events of
+                // its chat: folded like a replay (an old seq is skipped, not
+                // refused), routed all the same.
+                let redriven = ev
+                    .header_bytes(chat_log::dlq::HEADER_REDRIVEN_FROM)
+                    .is_some();
                 let routed = route(
                     &ev.envelope,
+                    redriven,
                     state,
                     &sessions,
                     p,
@@ -335,6 +344,23 @@ pub async fn run(config: RouterConfig, shutdown: Shutdown) -> anyhow::Result<()>
             folded_to.remove(&p);
             consumer.rewind(p, batch.first_offset()).await?;
             tokio::time::sleep(REBUILD_RETRY_PAUSE).await;
+            continue;
+        }
+        // Before the offset is committed (see dead_letter_undecodable).
+        let dead = chat_log::dlq::dead_letter_undecodable(
+            &producer,
+            &topics.dlq,
+            &config.group_id,
+            &topics.events,
+            p,
+            &batch.records,
+        )
+        .await;
+        if let Err(e) = dead {
+            tracing::warn!(partition = p, error = %e, "dead-lettering failed; retrying the batch");
+            unroute(&members, &sessions, p);
+            folded_to.remove(&p);
+            consumer.rewind(p, batch.first_offset()).await?;
             continue;
         }
         let n = out.len() as u64;
@@ -428,7 +454,12 @@ async fn follow_ephemeral(
         };
         let ev = match item {
             Ok(TailItem::Event(ev)) => ev,
-            Ok(_) => continue,
+            // Typing indicators expire within seconds: not worth a dead
+            // letter (and every router instance reads every partition).
+            Ok(_) => {
+                chat_log::metrics::count_skipped("router-ephemeral", "undecodable");
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "chat.ephemeral read failed");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -479,6 +510,7 @@ async fn follow_ephemeral(
 #[allow(clippy::too_many_arguments)]
 fn route(
     ev: &Envelope,
+    redriven: bool,
     state: &mut PartitionState,
     sessions: &Mutex<Sessions>,
     partition: i32,
@@ -490,7 +522,11 @@ fn route(
     let Some(chat) = ev.chat_id else {
         return Ok(());
     };
-    state.apply(ev)?;
+    if redriven {
+        state.apply_again(ev)?;
+    } else {
+        state.apply(ev)?;
+    }
     let mut recipients: BTreeSet<String> = state
         .chat(&chat)
         .map(|c| c.members.keys().cloned().collect())
@@ -583,6 +619,9 @@ enum SessionAction {
 
 fn apply_session(sessions: &Mutex<Sessions>, item: &TailItem) -> Option<SessionAction> {
     let TailItem::Event(ev) = item else {
+        // Every router reads all of chat.sessions without a group: the
+        // presence service's consumer group dead-letters it; here, counted.
+        chat_log::metrics::count_skipped("router-sessions", "undecodable");
         return None;
     };
     let e = &ev.envelope;

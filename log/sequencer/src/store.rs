@@ -791,6 +791,12 @@ async fn fold_range(
                     state.evict(ctx.cache_chats);
                 }
             }
+            // The router's membership skips what nobody can read (its live
+            // loop dead-lettered it); the sequencer's state must be exact.
+            TailItem::Undecodable { offset, error, .. } if ctx.routing => {
+                tracing::warn!(partition = p, offset, %error, "undecodable event skipped by the membership restore");
+                applied.next = offset + 1;
+            }
             TailItem::Undecodable {
                 partition,
                 offset,

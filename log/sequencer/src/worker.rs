@@ -101,6 +101,7 @@ struct Metrics {
     aborted: Counter,
     replays: Counter,
     commit_seconds: Histogram,
+    batch_commands: Histogram,
 }
 
 impl Default for Metrics {
@@ -115,6 +116,7 @@ impl Default for Metrics {
             aborted: Counter::default(),
             replays: Counter::default(),
             commit_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            batch_commands: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
         }
     }
 }
@@ -160,6 +162,11 @@ impl Metrics {
             "batch_commit_seconds",
             "Time to append a batch and commit its transaction",
             self.commit_seconds.clone(),
+        );
+        r.register(
+            "batch_commands",
+            "Commands per batch (one transaction each)",
+            self.batch_commands.clone(),
         );
         r.register(
             "aborted_transactions",
@@ -542,6 +549,7 @@ async fn sequence_and_commit(
         )
         .await;
     metrics.commit_seconds.observe(t0.elapsed().as_secs_f64());
+    metrics.batch_commands.observe(n as f64);
     tracing::debug!(
         partition = p,
         records = n,
@@ -648,6 +656,7 @@ fn sequence_batch(
                 offset,
                 key,
                 payload,
+                headers,
                 error,
             } => {
                 tracing::warn!(partition = p, offset, %error, "undecodable command dead-lettered");
@@ -656,13 +665,17 @@ fn sequence_batch(
                     partition: None,
                     key: key.clone(),
                     payload: payload.clone(),
-                    headers: vec![
-                        ("dlq.topic".into(), topics.commands.clone().into_bytes()),
-                        ("dlq.partition".into(), p.to_string().into_bytes()),
-                        ("dlq.offset".into(), offset.to_string().into_bytes()),
-                        ("dlq.error".into(), error.clone().into_bytes()),
-                    ],
+                    headers: chat_log::dlq::dead_letter_headers(
+                        &topics.commands,
+                        p,
+                        *offset,
+                        error,
+                        &config.group_id,
+                        headers,
+                    ),
                 });
+                // Counted here: the transaction may still abort and redo the batch.
+                chat_log::metrics::count_dead_lettered(&config.group_id, &topics.commands);
                 continue;
             }
         };

@@ -4,6 +4,7 @@
 //!   chat-admin schemas   register the envelope schema on every topic (BACKWARD_TRANSITIVE)
 //!   chat-admin migrate   create the Cassandra keyspace and tables
 //!   chat-admin setup     all three, in that order
+//!   chat-admin dlq       dead letters: list, show, redrive, drop
 
 use anyhow::Context;
 use chat_log::{LogConfig, SchemaRegistry, Topics};
@@ -33,6 +34,8 @@ enum Command {
     Migrate,
     /// topics, schemas and migrate, in that order.
     Setup,
+    /// Dead letters: list, show, redrive, drop (`chat-admin dlq --help`).
+    Dlq(chat_projectors::admin::dlq::DlqArgs),
 }
 
 /// chat-admin's config: how to reach the log and the store.
@@ -93,6 +96,9 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(command: Command, config: &AdminConfig) -> anyhow::Result<()> {
+    if let Command::Dlq(args) = command {
+        return chat_projectors::admin::dlq::run(args, &config.log).await;
+    }
     let all = matches!(command, Command::Setup);
     let topics = Topics::new(&config.log);
     if all || matches!(command, Command::Topics) {

@@ -219,6 +219,7 @@ pub struct HistoryStatus {
     retries: Counter,
     dead_lettered: Counter,
     next_offset: Family<Vec<(String, String)>, Gauge>,
+    lag_seconds: Family<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>,
     positions: Arc<Mutex<HashMap<i32, i64>>>,
 }
 
@@ -257,6 +258,11 @@ impl HistoryStatus {
             "next_offset",
             "per chat.events partition, the offset after the last projected event",
             self.next_offset.clone(),
+        );
+        registry.register(
+            "projection_lag_seconds",
+            "per chat.events partition, how old the newest event of the last projected batch was when its writes were done (now - its sequenced_ts); an idle partition keeps its last value",
+            self.lag_seconds.clone(),
         );
     }
 
@@ -389,6 +395,15 @@ async fn project_partition(
                 status.dead_lettered.inc_by(done.malformed.len() as u64);
                 status.health.ready("cassandra");
                 status.done(partition, done.next_offset, done.events as u64);
+                if let Some(ts) = events
+                    .iter()
+                    .rev()
+                    .find_map(|(_, e)| e.sequenced_ts.or(Some(e.server_ts)))
+                {
+                    let labels = vec![("partition".to_string(), partition.to_string())];
+                    let age = (chat_runtime::now_ms() - ts).max(0) as f64 / 1000.0;
+                    status.lag_seconds.get_or_create(&labels).set(age);
+                }
                 // Malformed events have nothing to write: they count as done.
                 progress.record(partition, done.next_offset);
                 let dead = done

@@ -271,8 +271,30 @@ async fn aggregate(
             };
             let mut effects = Vec::new();
             let mut settings = Vec::new();
+            // What nobody can read goes to chat.dlq before the offset moves
+            // past it (a failure retries the batch like a failed produce).
+            let dead = chat_log::dlq::dead_letter_undecodable(
+                &producer,
+                &topics.dlq,
+                &config.group_id,
+                &topics.sessions,
+                p,
+                &batch.records,
+            )
+            .await;
+            if let Err(e) = dead {
+                tracing::warn!(partition = p, error = %e, "dead-lettering failed; retrying the batch");
+                states.remove(&p);
+                consumer.rewind(p, batch.first_offset()).await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             for rec in &batch.records {
                 if let BatchRecord::Event(ev) = rec {
+                    // Re-driven from the DLQ for another consumer group.
+                    if chat_log::dlq::redriven_elsewhere(&ev.headers, &config.group_id) {
+                        continue;
+                    }
                     effects.extend(state.apply(&ev.envelope));
                     if let Some(copy) = setting_copy(&ev.envelope, p, topics) {
                         settings.push(copy);
