@@ -253,6 +253,15 @@ pub enum ClientFrame {
         muted: bool,
         client_msg_id: Option<String>,
     },
+    /// Registers (or refreshes: the same frame again) this device's push
+    /// token; one registration per device, the latest wins.
+    PushRegister {
+        provider: String,
+        token: String,
+        locale: Option<String>,
+    },
+    /// Removes this device's push registration.
+    PushUnregister,
 }
 
 impl ClientFrame {
@@ -329,6 +338,8 @@ impl ClientFrame {
             ClientFrame::RevokeDevice { .. } => "revoke_device",
             ClientFrame::PresenceSettings { .. } => "presence_settings",
             ClientFrame::Mute { .. } => "mute",
+            ClientFrame::PushRegister { .. } => "push_register",
+            ClientFrame::PushUnregister => "push_unregister",
         }
     }
 }
@@ -454,6 +465,123 @@ struct MuteBody {
     muted: bool,
     #[serde(default)]
     client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushRegisterBody {
+    provider: String,
+    token: String,
+    #[serde(default)]
+    locale: Option<String>,
+}
+
+/// Push providers a device can register with.
+pub const PUSH_PROVIDERS: &[&str] = &["apns", "fcm", "webpush", "webhook"];
+/// Longest push token (or Web Push subscription JSON), bytes.
+pub const MAX_PUSH_TOKEN_BYTES: usize = 4096;
+/// Longest locale tag, bytes.
+pub const MAX_LOCALE_BYTES: usize = 35;
+
+/// Checks a push registration: a known provider, a token of at most
+/// [`MAX_PUSH_TOKEN_BYTES`] in the provider's shape (APNs: hex; FCM: printable
+/// ASCII; webhook: an http(s) URL; Web Push: the subscription JSON
+/// `{"endpoint":"https://...","keys":{"p256dh":..,"auth":..}}` with a 65-byte
+/// uncompressed P-256 key and a 16-byte auth secret, base64url).
+pub fn check_push_registration(
+    provider: &str,
+    token: &str,
+    locale: Option<&str>,
+) -> Result<(), FrameError> {
+    let invalid = |m: String| FrameError::new(ErrorCode::Invalid, m);
+    if !PUSH_PROVIDERS.contains(&provider) {
+        let shown: String = provider.chars().take(32).collect();
+        return Err(invalid(format!(
+            "unknown provider {shown:?}; one of apns, fcm, webpush, webhook"
+        )));
+    }
+    if token.len() > MAX_PUSH_TOKEN_BYTES {
+        return Err(FrameError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "token is {} bytes; at most {MAX_PUSH_TOKEN_BYTES}",
+                token.len()
+            ),
+        ));
+    }
+    if token.is_empty() {
+        return Err(invalid("token must not be empty".into()));
+    }
+    if let Some(l) = locale {
+        if l.is_empty()
+            || l.len() > MAX_LOCALE_BYTES
+            || !l
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "locale must be a BCP 47 tag such as en-GB (1-35 bytes)".into(),
+            ));
+        }
+    }
+    match provider {
+        "apns" => {
+            if token.len() % 2 != 0 || !token.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid("an APNs device token is hex".into()));
+            }
+        }
+        "fcm" => {
+            if !token.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(invalid(
+                    "an FCM registration token is printable ASCII".into(),
+                ));
+            }
+        }
+        "webhook" => {
+            let lower = token.to_ascii_lowercase();
+            let rest = lower
+                .strip_prefix("https://")
+                .or_else(|| lower.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.chars().any(|c| c.is_whitespace())) {
+                return Err(invalid("a webhook token is an http(s) URL".into()));
+            }
+        }
+        _ => check_webpush_subscription(token).map_err(|m| {
+            invalid(format!(
+                "malformed Web Push subscription: {m}; expected {{\"endpoint\":\"https://...\",\"keys\":{{\"p256dh\":...,\"auth\":...}}}}"
+            ))
+        })?,
+    }
+    Ok(())
+}
+
+fn check_webpush_subscription(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let v: Value = serde_json::from_str(token).map_err(|e| format!("not JSON ({e})"))?;
+    let endpoint = v
+        .get("endpoint")
+        .and_then(Value::as_str)
+        .ok_or("no endpoint")?;
+    if !endpoint.starts_with("https://") && !endpoint.starts_with("http://") {
+        return Err("endpoint is not an http(s) URL".into());
+    }
+    let key = |name: &str| -> Result<Vec<u8>, String> {
+        let s = v
+            .get("keys")
+            .and_then(|k| k.get(name))
+            .and_then(Value::as_str)
+            .ok_or(format!("no keys.{name}"))?;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s.trim_end_matches('='))
+            .map_err(|_| format!("keys.{name} is not base64url"))
+    };
+    let p256dh = key("p256dh")?;
+    if p256dh.len() != 65 || p256dh[0] != 4 {
+        return Err("keys.p256dh is not an uncompressed P-256 point (65 bytes)".into());
+    }
+    if key("auth")?.len() != 16 {
+        return Err("keys.auth is not 16 bytes".into());
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -781,6 +909,16 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
             let b: PresenceSettingsBody = fields(kind, body)?;
             Ok(ClientFrame::PresenceSettings { hidden: b.hidden })
         }
+        "push_register" => {
+            let b: PushRegisterBody = fields(kind, body)?;
+            check_push_registration(&b.provider, &b.token, b.locale.as_deref())?;
+            Ok(ClientFrame::PushRegister {
+                provider: b.provider,
+                token: b.token,
+                locale: b.locale,
+            })
+        }
+        "push_unregister" => Ok(ClientFrame::PushUnregister),
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(FrameError::new(

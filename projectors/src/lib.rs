@@ -20,4 +20,5 @@
 
 pub mod history;
 pub mod presence;
+pub mod push;
 pub mod store;

@@ -298,6 +298,32 @@ impl Session {
                 });
                 self.on_user_setting(id, body)
             }
+            ClientFrame::PushRegister {
+                provider,
+                token,
+                locale,
+            } => {
+                let body = Body::PushRegistrationChanged(chat_schemas::PushRegistrationChanged {
+                    device_id: self.device.clone(),
+                    provider,
+                    token: Some(token),
+                    locale,
+                    reason: Some("client".into()),
+                    provider_detail: None,
+                });
+                self.on_user_setting(id, body)
+            }
+            ClientFrame::PushUnregister => {
+                let body = Body::PushRegistrationChanged(chat_schemas::PushRegistrationChanged {
+                    device_id: self.device.clone(),
+                    provider: String::new(),
+                    token: None,
+                    locale: None,
+                    reason: Some("client".into()),
+                    provider_detail: None,
+                });
+                self.on_user_setting(id, body)
+            }
             ClientFrame::PresenceSettings { hidden } => {
                 let body =
                     Body::PresenceSettingChanged(chat_schemas::PresenceSettingChanged { hidden });

@@ -11,6 +11,7 @@ mod error;
 mod messages;
 mod presence;
 mod progress;
+mod push;
 mod receipts;
 mod schema;
 
@@ -20,6 +21,7 @@ pub use config::{Consistency, Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
 pub use presence::{DeviceRow, PresenceRow};
+pub use push::PushRegistration;
 pub use receipts::ReceiptRow;
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
 
@@ -48,6 +50,7 @@ pub struct Store {
     progress: Arc<OnceCell<progress::Prepared>>,
     receipts: Arc<OnceCell<receipts::Prepared>>,
     presence: Arc<OnceCell<presence::Prepared>>,
+    push: Arc<OnceCell<push::Prepared>>,
 }
 
 /// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
@@ -89,6 +92,7 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         progress: Arc::default(),
         receipts: Arc::default(),
         presence: Arc::default(),
+        push: Arc::default(),
     })
 }
 
