@@ -47,7 +47,7 @@ impl Store {
             Ok(Prepared {
                 put: p(format!(
                     "INSERT INTO {ks}.push_registrations \
-                     (user_id, device_id, provider, token, locale, updated_at) \
+                     (user_id, device_id, provider, push_token, locale, updated_at) \
                      VALUES (?, ?, ?, ?, ?, ?) USING TIMESTAMP ?"
                 ))
                 .await?,
@@ -57,7 +57,7 @@ impl Store {
                 ))
                 .await?,
                 select: p(format!(
-                    "SELECT device_id, provider, token, locale, updated_at \
+                    "SELECT device_id, provider, push_token, locale, updated_at \
                      FROM {ks}.push_registrations WHERE user_id = ?"
                 ))
                 .await?,

@@ -107,7 +107,7 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         // Projected from chat.sessions (PushRegistrationChanged, DeviceRevoked) by chat-push,
         // written USING TIMESTAMP <the record's time in us>.
         "CREATE TABLE IF NOT EXISTS {ks}.push_registrations (
-            user_id text, device_id text, provider text, token text, locale text,
+            user_id text, device_id text, provider text, push_token text, locale text,
             updated_at timestamp,
             PRIMARY KEY ((user_id), device_id)
         ) WITH comment = 'push registration of each device (from chat.sessions); a revoked or unregistered device has no row'",
