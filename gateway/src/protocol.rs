@@ -525,7 +525,7 @@ pub fn check_push_registration(
     }
     match provider {
         "apns" => {
-            if token.len() % 2 != 0 || !token.chars().all(|c| c.is_ascii_hexdigit()) {
+            if !token.len().is_multiple_of(2) || !token.chars().all(|c| c.is_ascii_hexdigit()) {
                 return Err(invalid("an APNs device token is hex".into()));
             }
         }
@@ -1260,6 +1260,37 @@ mod tests {
 
     fn code(text: &str) -> ErrorCode {
         parse(text, &L).1.unwrap_err().code
+    }
+
+    #[test]
+    fn push_registrations_are_validated() {
+        let frame = |provider: &str, token: &str| {
+            serde_json::json!({"type": "push_register", "provider": provider, "token": token})
+                .to_string()
+        };
+        let sub = r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"BAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc","auth":"CQkJCQkJCQkJCQkJCQkJCQ"}}"#;
+        for (provider, token) in [
+            ("apns", "00fc13adff785122"),
+            ("fcm", "abc:APA91b"),
+            ("webhook", "https://hooks.example/x"),
+            ("webpush", sub),
+        ] {
+            match parse(&frame(provider, token), &L).1 {
+                Ok(ClientFrame::PushRegister { provider: p, .. }) => assert_eq!(p, provider),
+                other => panic!("{provider}: {other:?}"),
+            }
+        }
+        assert_eq!(code(&frame("pigeon", "x")), ErrorCode::Invalid);
+        assert_eq!(code(&frame("apns", "xyz")), ErrorCode::Invalid);
+        assert_eq!(code(&frame("webhook", "ftp://x")), ErrorCode::Invalid);
+        assert_eq!(code(&frame("webpush", "{}")), ErrorCode::Invalid);
+        let short = sub.replace("CQkJCQkJCQkJCQkJCQkJCQ", "CQkJ");
+        assert_eq!(code(&frame("webpush", &short)), ErrorCode::Invalid);
+        assert_eq!(code(&frame("fcm", &"t".repeat(5000))), ErrorCode::TooLarge);
+        assert_eq!(
+            parse(r#"{"type":"push_unregister"}"#, &L).1.unwrap(),
+            ClientFrame::PushUnregister
+        );
     }
 
     #[test]
