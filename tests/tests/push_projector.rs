@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 const COALESCE_MS: &str = "2000";
 
 async fn platform(test: &str) -> Platform {
+    platform_with(test, COALESCE_MS).await
+}
+
+async fn platform_with(test: &str, coalesce_ms: &str) -> Platform {
     Platform::start_with(
         test,
         Options {
@@ -27,7 +31,7 @@ async fn platform(test: &str) -> Platform {
                 Role::Presence,
                 Role::Push,
             ],
-            push_env: vec![("CHAT_COALESCE_MS".into(), COALESCE_MS.into())],
+            push_env: vec![("CHAT_COALESCE_MS".into(), coalesce_ms.into())],
             ..Options::default()
         },
     )
@@ -369,6 +373,63 @@ async fn muted_chats_and_bad_registrations() {
     assert_eq!(entry["muted"], true, "{entry}");
     assert!(entry["unread"].as_u64().unwrap() >= 3, "{entry}");
     assert_eq!(t.badge, Some(total as u32), "{t:?}");
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_open_when_the_projector_is_killed_is_not_lost() {
+    // A long window, so the projector is surely killed while it is open.
+    let mut p = platform_with("push_restart", "6000").await;
+    let mut phone = online(&p, "bob", "phone").await;
+    assert_eq!(
+        register(&mut phone, "apns", &"c3".repeat(32)).await["type"],
+        "ok"
+    );
+    phone.tx.close().await.unwrap();
+    wait_closed(&p, "bob", &["phone"]).await;
+    let mut ann = online(&p, "ann", "desk").await;
+    let a = ann
+        .request(json!({"type": "create_chat", "kind": "direct", "members": ["bob"]}))
+        .await
+        .unwrap();
+    let chat = a["chat"].as_str().unwrap().to_string();
+    let last = burst(&mut ann, &chat, "k", 5).await;
+
+    // The projector holds the window (read, not flushed), then dies.
+    let admin = p.admin(Role::Push, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while chat_tests::metric(admin, "chat_push_open_windows", None).await < 1.0 {
+        assert!(Instant::now() < deadline, "the window never opened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        chat_tests::metric(admin, "chat_push_tasks_total", None).await,
+        0.0
+    );
+    p.kill(Role::Push, 0);
+    p.restart(Role::Push, 0).await.unwrap();
+
+    let group = format!("{}push-check", p.log.config.topic_prefix);
+    let push = p.log.topics.push.clone();
+    let got = consume_n(&p.log, &group, &[&push], 1, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    let t = task(&got[0]);
+    assert_eq!(
+        (
+            t.seq,
+            t.count,
+            t.kind.as_deref(),
+            t.title.as_str(),
+            t.body_preview.as_deref()
+        ),
+        (last, Some(5), Some("direct"), "ann", Some("k5"))
+    );
+    let more = consume_n(&p.log, &group, &[&push], 1, Duration::from_secs(4))
+        .await
+        .unwrap();
+    assert!(more.is_empty(), "repeated: {more:?}");
     p.stop().await;
 }
 
