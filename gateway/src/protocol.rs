@@ -1118,6 +1118,10 @@ pub enum ServerFrame {
         id: FrameId,
         checkpoint: i64,
         truncated: Vec<Uuid>,
+        /// Present (true) only when `since` was older than the sync
+        /// markers' retention: the answer is a full resync.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        full_resync: bool,
     },
     Chats {
         #[serde(skip_serializing_if = "Option::is_none")]

@@ -272,6 +272,24 @@ async fn burst_to_offline_devices_is_one_push_each() {
         .map(|e| e["body"]["text"].as_str().unwrap())
         .collect();
     assert_eq!(texts, ["m1", "m2", "m3", "m4", "m5"]);
+
+    // Offline for longer than the sync markers are kept (30 days): a full
+    // resync, flagged, with every chat; a recent checkpoint is not one.
+    let month_ago = chrono_free_now() - 31 * 24 * 3600 * 1000;
+    let mut laptop = p.connect(0, "bob", "laptop").await.unwrap();
+    let (events, synced) = laptop.sync(json!(month_ago), json!({})).await.unwrap();
+    assert_eq!(synced["full_resync"], true, "{synced}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["chat"] == chat.as_str() && e["seq"] == last),
+        "{events:?}"
+    );
+    let (_, synced) = laptop
+        .sync(synced["checkpoint"].clone(), json!({ chat.clone(): last }))
+        .await
+        .unwrap();
+    assert!(synced.get("full_resync").is_none(), "{synced}");
     p.stop().await;
 }
 

@@ -114,6 +114,20 @@ impl Store {
         Ok(names)
     }
 
+    /// The `default_time_to_live` of `table` in seconds (0: none; None: no
+    /// such table).
+    pub async fn table_default_ttl(&self, table: &str) -> Result<Option<i32>, StoreError> {
+        let cql = "SELECT default_time_to_live FROM system_schema.tables \
+                   WHERE keyspace_name = ? AND table_name = ?";
+        let result = self
+            .query("read table options", cql, (&self.keyspace, table))
+            .await?;
+        Ok(rows::<(Option<i32>,)>("read table options", result)?
+            .into_iter()
+            .next()
+            .map(|(ttl,)| ttl.unwrap_or(0)))
+    }
+
     /// Drops the keyspace with all its data. For tests and local resets only:
     /// a production keyspace is rebuilt by replaying the log, which takes time.
     pub async fn drop_keyspace(&self) -> Result<(), StoreError> {
