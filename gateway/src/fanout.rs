@@ -548,6 +548,7 @@ impl Hub {
             | Body::GatewayHeartbeat(_)
             | Body::PresenceSettingChanged(_)
             | Body::PushRegistrationChanged(_)
+            | Body::PushSettingsChanged(_)
             | Body::PresenceChanged(_) => {}
             _ => self.fan_out(record),
         }

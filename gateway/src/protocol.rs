@@ -262,6 +262,13 @@ pub enum ClientFrame {
     },
     /// Removes this device's push registration.
     PushUnregister,
+    /// The user's do-not-disturb schedule (replaces the earlier one).
+    PushSettings {
+        time_zone: String,
+        /// (start, end) minutes after local midnight; None: no do-not-disturb.
+        dnd: Option<(u32, u32)>,
+        allowed_chats: Vec<Uuid>,
+    },
 }
 
 impl ClientFrame {
@@ -340,6 +347,7 @@ impl ClientFrame {
             ClientFrame::Mute { .. } => "mute",
             ClientFrame::PushRegister { .. } => "push_register",
             ClientFrame::PushUnregister => "push_unregister",
+            ClientFrame::PushSettings { .. } => "push_settings",
         }
     }
 }
@@ -582,6 +590,69 @@ fn check_webpush_subscription(token: &str) -> Result<(), String> {
         return Err("keys.auth is not 16 bytes".into());
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+struct PushSettingsBody {
+    time_zone: String,
+    #[serde(default)]
+    dnd: Option<DndBody>,
+    #[serde(default)]
+    allowed_chats: Vec<Uuid>,
+}
+
+#[derive(Deserialize)]
+struct DndBody {
+    start: String,
+    end: String,
+}
+
+/// Most chats allowed through do-not-disturb.
+pub const MAX_DND_ALLOWED_CHATS: usize = 256;
+
+/// `HH:MM` (24-hour) -> minutes after midnight.
+fn minute_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+fn push_settings(b: PushSettingsBody) -> Result<ClientFrame, FrameError> {
+    let invalid = |m: &str| FrameError::new(ErrorCode::Invalid, m);
+    if b.time_zone.parse::<chrono_tz::Tz>().is_err() {
+        return Err(invalid(
+            "time_zone must be an IANA time zone such as Europe/Paris",
+        ));
+    }
+    let dnd = match b.dnd {
+        None => None,
+        Some(d) => {
+            let (Some(start), Some(end)) = (minute_of_day(&d.start), minute_of_day(&d.end)) else {
+                return Err(invalid("dnd.start and dnd.end are HH:MM (24-hour)"));
+            };
+            if start == end {
+                return Err(invalid("dnd.start and dnd.end must differ"));
+            }
+            Some((start, end))
+        }
+    };
+    if b.allowed_chats.len() > MAX_DND_ALLOWED_CHATS {
+        return Err(FrameError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_DND_ALLOWED_CHATS} allowed_chats"),
+        ));
+    }
+    let mut allowed_chats = b.allowed_chats;
+    allowed_chats.sort();
+    allowed_chats.dedup();
+    Ok(ClientFrame::PushSettings {
+        time_zone: b.time_zone,
+        dnd,
+        allowed_chats,
+    })
 }
 
 #[derive(Deserialize)]
@@ -919,6 +990,7 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
             })
         }
         "push_unregister" => Ok(ClientFrame::PushUnregister),
+        "push_settings" => push_settings(fields(kind, body)?),
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(FrameError::new(
@@ -1295,6 +1367,18 @@ mod tests {
             parse(r#"{"type":"push_unregister"}"#, &L).1.unwrap(),
             ClientFrame::PushUnregister
         );
+        let ok = format!(
+            r#"{{"type":"push_settings","time_zone":"Asia/Kolkata","dnd":{{"start":"22:30","end":"07:00"}},"allowed_chats":["{CHAT}"]}}"#
+        );
+        match parse(&ok, &L).1.unwrap() {
+            ClientFrame::PushSettings { dnd, .. } => assert_eq!(dnd, Some((1350, 420))),
+            other => panic!("{other:?}"),
+        }
+        let tz = r#"{"type":"push_settings","time_zone":"Mars/Olympus"}"#;
+        assert_eq!(code(tz), ErrorCode::Invalid);
+        let t =
+            r#"{"type":"push_settings","time_zone":"UTC","dnd":{"start":"25:00","end":"07:00"}}"#;
+        assert_eq!(code(t), ErrorCode::Invalid);
     }
 
     #[test]

@@ -53,6 +53,7 @@ avsc_files![
     "DeviceRevoked",
     "MuteChanged",
     "PushRegistrationChanged",
+    "PushSettingsChanged",
 ];
 
 /// Full name of the root record.

@@ -358,6 +358,20 @@ avro_record! {
     }
 }
 
+avro_record! {
+    /// `chat.v1.PushSettingsChanged`: a user's do-not-disturb schedule.
+    PushSettingsChanged {
+        /// IANA time zone of the schedule.
+        time_zone: String,
+        /// Start, minutes after local midnight; `None`: no do-not-disturb.
+        dnd_start_minute: Option<u32>,
+        /// End, minutes after local midnight (before the start: next day).
+        dnd_end_minute: Option<u32>,
+        /// Chats that notify during do-not-disturb.
+        allowed_chats: Vec<Uuid>,
+    }
+}
+
 avro_union! {
     /// The `body` union of [`Envelope`]: exactly one event. Variant order is
     /// the union order of the schema; new variants are only ever appended.
@@ -384,6 +398,7 @@ avro_union! {
         DeviceRevoked,
         MuteChanged,
         PushRegistrationChanged,
+        PushSettingsChanged,
     }
 }
 

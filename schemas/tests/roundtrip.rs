@@ -227,6 +227,22 @@ fn body() -> impl Strategy<Value = Body> {
                     })
                 }
             ),
+        (
+            text(),
+            of(0u32..1440),
+            of(0u32..1440),
+            proptest::collection::vec(uuid(), 0..4)
+        )
+            .prop_map(
+                |(time_zone, dnd_start_minute, dnd_end_minute, allowed_chats)| {
+                    Body::PushSettingsChanged(PushSettingsChanged {
+                        time_zone,
+                        dnd_start_minute,
+                        dnd_end_minute,
+                        allowed_chats,
+                    })
+                }
+            ),
     ]
 }
 

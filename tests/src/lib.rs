@@ -227,6 +227,12 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             reason: Some("client".into()),
             provider_detail: None,
         }),
+        Body::PushSettingsChanged(chat_schemas::PushSettingsChanged {
+            time_zone: "Europe/Paris".into(),
+            dnd_start_minute: Some(22 * 60),
+            dnd_end_minute: Some(7 * 60),
+            allowed_chats: vec![Uuid::new_v4()],
+        }),
     ];
     bodies
         .into_iter()
@@ -241,6 +247,7 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
                     | Body::PresenceSettingChanged(_)
                     | Body::DeviceRevoked(_)
                     | Body::PushRegistrationChanged(_)
+                    | Body::PushSettingsChanged(_)
             );
             if user_scoped {
                 envelope(None, None, b)

@@ -391,6 +391,54 @@ async fn muted_chats_and_bad_registrations() {
     assert_eq!(entry["muted"], true, "{entry}");
     assert!(entry["unread"].as_u64().unwrap() >= 3, "{entry}");
     assert_eq!(t.badge, Some(total as u32), "{t:?}");
+
+    // Do-not-disturb in bob's time zone (UTC+5:30), on from an hour ago
+    // for the next two hours, "loud" allowed through: a message in another
+    // chat is held back until it ends (not_before), one in "loud" is not.
+    let night = chat_of(
+        ann.request(
+            json!({"type": "create_chat", "kind": "group", "members": ["bob"], "title": "night"}),
+        )
+        .await
+        .unwrap(),
+    );
+    let now_minute = chrono_free_now() / 60_000;
+    let local = (now_minute + 330).rem_euclid(1440);
+    let hhmm = |m: i64| {
+        format!(
+            "{:02}:{:02}",
+            m.rem_euclid(1440) / 60,
+            m.rem_euclid(1440) % 60
+        )
+    };
+    let ok = desk
+        .request(json!({"type": "push_settings", "time_zone": "Asia/Kolkata",
+            "dnd": {"start": hhmm(local - 60), "end": hhmm(local + 120)},
+            "allowed_chats": [loud]}))
+        .await
+        .unwrap();
+    assert_eq!(ok["type"], "ok", "{ok}");
+    let dnd_end = (now_minute + 120) * 60_000;
+    let held_seq = burst(&mut ann, &night, "n", 1).await;
+    let allowed_seq = burst(&mut ann, &loud, "a", 1).await;
+    let got = consume_n(&p.log, &group, &[&push], 2, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 2, "{got:?}");
+    for ev in &got {
+        let t = task(ev);
+        let created = t.created_ts.unwrap();
+        if t.chat_id.to_string() == night {
+            assert_eq!((t.seq, t.not_before), (held_seq, dnd_end), "held: {t:?}");
+        } else {
+            assert_eq!(t.chat_id.to_string(), loud);
+            assert_eq!(
+                (t.seq, t.not_before),
+                (allowed_seq, created),
+                "allowed: {t:?}"
+            );
+        }
+    }
     p.stop().await;
 }
 

@@ -58,7 +58,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::history::HISTORY_PROJECTOR;
-use crate::store::{PushRegistration, Store, StoreConfig, StoreError};
+use crate::store::{PushRegistration, PushSettings, Store, StoreConfig, StoreError};
 
 /// `chat-push`'s config (TOML file plus `CHAT_*` overrides).
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -146,6 +146,7 @@ struct Metrics {
     coalesced: Counter,
     muted: Counter,
     online: Counter,
+    held: Counter,
     open: Gauge,
 }
 
@@ -179,6 +180,11 @@ pub async fn run(config: PushConfig, store: Store, shutdown: Shutdown) -> anyhow
         "open_windows",
         "Windows not flushed yet",
         metrics.open.clone(),
+    );
+    reg.register(
+        "held_dnd",
+        "Tasks held back by do-not-disturb (not_before at its end)",
+        metrics.held.clone(),
     );
     let (addr, admin) = chat_runtime::serve_admin(
         config.listen,
@@ -228,6 +234,16 @@ struct DeviceState {
     sessions: HashMap<(String, String), HashSet<Uuid>>,
     /// (user, device) -> registration read from the log (None: removed).
     regs: HashMap<(String, String), Option<PushRegistration>>,
+    /// user -> do-not-disturb settings read from the log.
+    settings: HashMap<String, PushSettings>,
+}
+
+fn settings_of(s: &chat_schemas::PushSettingsChanged) -> PushSettings {
+    PushSettings {
+        time_zone: s.time_zone.clone(),
+        dnd: s.dnd_start_minute.zip(s.dnd_end_minute),
+        allowed_chats: s.allowed_chats.clone(),
+    }
 }
 
 impl DeviceState {
@@ -261,6 +277,9 @@ impl DeviceState {
             }
             Body::DeviceRevoked(r) => {
                 self.regs.insert((user.clone(), r.device_id.clone()), None);
+            }
+            Body::PushSettingsChanged(s) => {
+                self.settings.insert(user.clone(), settings_of(s));
             }
             _ => {}
         }
@@ -336,6 +355,23 @@ impl Devices {
                     .contains_key(&(user.to_string(), device.to_string()))
             })
             .unwrap_or(false)
+    }
+
+    /// `user`'s do-not-disturb settings: the log's, else the table's.
+    async fn settings(
+        &self,
+        store: &Store,
+        user: &str,
+    ) -> Result<Option<PushSettings>, StoreError> {
+        let known = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.settings.get(user).cloned());
+        match known {
+            Some(s) => Ok(Some(s)),
+            None => store.push_settings(user).await,
+        }
     }
 
     /// `user`'s registrations: the table's, overlaid with the log's newer ones.
@@ -417,6 +453,11 @@ async fn project_registrations(
                 Body::DeviceRevoked(r) => {
                     let at = env.server_ts.max(r.revoked_at);
                     store.delete_push_registration(user, &r.device_id, at).await
+                }
+                Body::PushSettingsChanged(s) => {
+                    store
+                        .put_push_settings(user, &settings_of(s), env.server_ts)
+                        .await
                 }
                 _ => return Ok(()),
             };
@@ -716,9 +757,21 @@ async fn flush(
             "message"
         };
         let (muted, badge) = badge(store, &user, chat, last.seq).await?;
-        if muted && !config.always_push.iter().any(|k| k == kind) {
+        let always = config.always_push.iter().any(|k| k == kind);
+        if muted && !always {
             metrics.muted.inc();
             continue;
+        }
+        // Do-not-disturb holds the task back until it ends (the workers
+        // honour not_before), except for allowed chats and always_push kinds.
+        let not_before = match devices.settings(store, &user).await? {
+            Some(s) if !always && !s.allowed_chats.contains(&chat) => {
+                dnd_until(&s, now).unwrap_or(now)
+            }
+            _ => now,
+        };
+        if not_before > now {
+            metrics.held.inc();
         }
         let preview = preview(latest, config.preview_chars);
         for reg in offline {
@@ -734,7 +787,7 @@ async fn flush(
                 },
                 body_preview: preview.clone(),
                 attempt: 1,
-                not_before: now,
+                not_before,
                 device_id: Some(reg.device.clone()),
                 provider: Some(reg.provider.clone()),
                 token: Some(reg.token.clone()),
@@ -798,6 +851,38 @@ async fn badge(store: &Store, user: &str, chat: Uuid, seq: u64) -> Result<(bool,
         total += end.saturating_sub(read_from);
     }
     Ok((muted, u32::try_from(total).unwrap_or(u32::MAX)))
+}
+
+/// When `settings`' do-not-disturb ends (ms since the epoch), if it is on
+/// at `now_ms` in the user's time zone; None when it is off. An unknown
+/// time zone counts as UTC. A schedule ending in a skipped local hour (DST)
+/// ends at the first valid instant after.
+pub fn dnd_until(settings: &PushSettings, now_ms: i64) -> Option<i64> {
+    use chrono::{Duration as Days, TimeZone, Timelike};
+    let (start, end) = settings.dnd?;
+    let tz: chrono_tz::Tz = settings.time_zone.parse().unwrap_or(chrono_tz::UTC);
+    let local = tz.timestamp_millis_opt(now_ms).single()?;
+    let minute = local.hour() * 60 + local.minute();
+    let on = if start < end {
+        minute >= start && minute < end
+    } else {
+        minute >= start || minute < end
+    };
+    if !on {
+        return None;
+    }
+    let mut day = local.date_naive();
+    if minute >= end {
+        day += Days::days(1);
+    }
+    let mut at = day.and_hms_opt(end / 60, end % 60, 0)?;
+    for _ in 0..4 {
+        if let Some(t) = tz.from_local_datetime(&at).earliest() {
+            return Some(t.timestamp_millis());
+        }
+        at += Days::minutes(30);
+    }
+    None
 }
 
 fn preview(m: &Msg, chars: usize) -> Option<String> {
@@ -883,6 +968,30 @@ mod tests {
             }),
         ));
         assert!(s.regs[&key].is_none());
+    }
+
+    #[test]
+    fn dnd_holds_until_its_end_in_the_users_time_zone() {
+        // 2026-01-10 23:30 in Kolkata (UTC+5:30) = 18:00 UTC.
+        let now = 1_768_068_000_000;
+        let s = |tz: &str, dnd| PushSettings {
+            time_zone: tz.into(),
+            dnd,
+            allowed_chats: Vec::new(),
+        };
+        // 22:00-07:00 local: on; ends 07:00 the next local day = 01:30 UTC.
+        assert_eq!(
+            dnd_until(&s("Asia/Kolkata", Some((1320, 420))), now),
+            Some(now + 7 * 3_600_000 + 30 * 60_000)
+        );
+        // The same schedule in UTC: 18:00 is outside it.
+        assert_eq!(dnd_until(&s("UTC", Some((1320, 420))), now), None);
+        // 12:00-20:00 UTC: on, ends at 20:00 the same day.
+        assert_eq!(
+            dnd_until(&s("UTC", Some((720, 1200))), now),
+            Some(now + 2 * 3_600_000)
+        );
+        assert_eq!(dnd_until(&s("UTC", None), now), None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub use config::{Consistency, Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
 pub use presence::{DeviceRow, PresenceRow};
-pub use push::PushRegistration;
+pub use push::{PushRegistration, PushSettings};
 pub use receipts::ReceiptRow;
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
 

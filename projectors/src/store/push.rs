@@ -26,8 +26,21 @@ pub struct PushRegistration {
     pub updated_at: Option<i64>,
 }
 
+/// One row of `push_settings`: a user's do-not-disturb schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PushSettings {
+    /// IANA time zone.
+    pub time_zone: String,
+    /// (start, end) minutes after local midnight; None: no do-not-disturb.
+    pub dnd: Option<(u32, u32)>,
+    /// Chats that notify during do-not-disturb.
+    pub allowed_chats: Vec<Uuid>,
+}
+
 #[derive(Debug)]
 pub(super) struct Prepared {
+    put_settings: PreparedStatement,
+    select_settings: PreparedStatement,
     put: PreparedStatement,
     delete: PreparedStatement,
     select: PreparedStatement,
@@ -45,6 +58,17 @@ impl Store {
             let ks = &self.keyspace;
             let p = |cql: String| self.prepare(cql);
             Ok(Prepared {
+                put_settings: p(format!(
+                    "INSERT INTO {ks}.push_settings \
+                     (user_id, time_zone, dnd_start_minute, dnd_end_minute, allowed_chats) \
+                     VALUES (?, ?, ?, ?, ?) USING TIMESTAMP ?"
+                ))
+                .await?,
+                select_settings: p(format!(
+                    "SELECT time_zone, dnd_start_minute, dnd_end_minute, allowed_chats \
+                     FROM {ks}.push_settings WHERE user_id = ?"
+                ))
+                .await?,
                 put: p(format!(
                     "INSERT INTO {ks}.push_registrations \
                      (user_id, device_id, provider, push_token, locale, updated_at) \
@@ -167,5 +191,43 @@ impl Store {
             .and_then(|(s,)| s)
             .and_then(|s| u64::try_from(s).ok())
             .unwrap_or(0))
+    }
+
+    /// Sets `user`'s do-not-disturb schedule as of `at_ms` (the record's time).
+    pub async fn put_push_settings(
+        &self,
+        user: &str,
+        settings: &PushSettings,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        let p = self.push_prepared().await?;
+        let values = (
+            user,
+            &settings.time_zone,
+            settings.dnd.map(|d| d.0 as i32),
+            settings.dnd.map(|d| d.1 as i32),
+            &settings.allowed_chats,
+            micros(at_ms),
+        );
+        self.execute("write push settings", &p.put_settings, values)
+            .await
+            .map(drop)
+    }
+
+    /// `user`'s do-not-disturb schedule, if they ever set one.
+    pub async fn push_settings(&self, user: &str) -> Result<Option<PushSettings>, StoreError> {
+        let p = self.push_prepared().await?;
+        type Raw = (Option<String>, Option<i32>, Option<i32>, Option<Vec<Uuid>>);
+        let rows: Vec<Raw> = self
+            .execute_all("read push settings", &p.select_settings, (user,))
+            .await?;
+        Ok(rows.into_iter().next().map(|(tz, start, end, allowed)| {
+            let minute = |m: Option<i32>| m.and_then(|m| u32::try_from(m).ok());
+            PushSettings {
+                time_zone: tz.unwrap_or_else(|| "UTC".into()),
+                dnd: minute(start).zip(minute(end)),
+                allowed_chats: allowed.unwrap_or_default(),
+            }
+        }))
     }
 }

@@ -115,6 +115,11 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
         "CREATE TABLE IF NOT EXISTS {ks}.push_notified (
             chat_id uuid PRIMARY KEY, notified_seq bigint
         ) WITH comment = 'per chat: every message up to notified_seq has its push tasks on chat.push (chat-push)'",
+        // From PushSettingsChanged on chat.sessions, USING TIMESTAMP <the record's time in us>.
+        "CREATE TABLE IF NOT EXISTS {ks}.push_settings (
+            user_id text PRIMARY KEY, time_zone text, dnd_start_minute int, dnd_end_minute int,
+            allowed_chats list<uuid>
+        ) WITH comment = 'do-not-disturb schedule per user (from chat.sessions)'",
     ],
 }];
 
