@@ -232,8 +232,8 @@ pub struct Devices {
 struct DeviceState {
     /// (user, device) -> open sessions.
     sessions: HashMap<(String, String), HashSet<Uuid>>,
-    /// (user, device) -> registration read from the log (None: removed).
-    regs: HashMap<(String, String), Option<PushRegistration>>,
+    /// user -> device -> registration read from the log (None: removed).
+    regs: HashMap<String, HashMap<String, Option<PushRegistration>>>,
     /// user -> do-not-disturb settings read from the log.
     settings: HashMap<String, PushSettings>,
 }
@@ -273,10 +273,16 @@ impl DeviceState {
                     locale: r.locale.clone(),
                     updated_at: Some(ev.server_ts),
                 });
-                self.regs.insert((user.clone(), r.device_id.clone()), reg);
+                self.regs
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(r.device_id.clone(), reg);
             }
             Body::DeviceRevoked(r) => {
-                self.regs.insert((user.clone(), r.device_id.clone()), None);
+                self.regs
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(r.device_id.clone(), None);
             }
             Body::PushSettingsChanged(s) => {
                 self.settings.insert(user.clone(), settings_of(s));
@@ -386,14 +392,16 @@ impl Devices {
             .into_iter()
             .map(|r| (r.device.clone(), r))
             .collect();
-        if let Ok(s) = self.state.lock() {
-            for ((u, device), reg) in &s.regs {
-                if u != user {
-                    continue;
-                }
+        if let Some(known) = self
+            .state
+            .lock()
+            .ok()
+            .and_then(|s| s.regs.get(user).cloned())
+        {
+            for (device, reg) in known {
                 match reg {
-                    Some(r) => by_device.insert(device.clone(), r.clone()),
-                    None => by_device.remove(device),
+                    Some(r) => by_device.insert(device, r),
+                    None => by_device.remove(&device),
                 };
             }
         }
@@ -958,8 +966,8 @@ mod tests {
                 provider_detail: None,
             }),
         ));
-        let key = ("bob".to_string(), "phone".to_string());
-        assert_eq!(s.regs[&key].as_ref().map(|r| r.token.as_str()), Some("tok"));
+        let reg = |s: &DeviceState| s.regs["bob"]["phone"].clone();
+        assert_eq!(reg(&s).map(|r| r.token), Some("tok".to_string()));
         s.apply(&env(
             "bob",
             Body::DeviceRevoked(chat_schemas::DeviceRevoked {
@@ -967,7 +975,7 @@ mod tests {
                 revoked_at: 2,
             }),
         ));
-        assert!(s.regs[&key].is_none());
+        assert!(reg(&s).is_none());
     }
 
     #[test]
