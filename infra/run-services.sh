@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: runs the platform's services against the local stack (which
-# `make infra-up` started): the sequencer, the delivery router and the
-# history projector in the background, and one gateway in the foreground
+# `make infra-up` started): the sequencer, the delivery router, the
+# history projector, the presence service and the push projector in the background, and one gateway in the foreground
 # with the development login on. Ctrl-C stops them all; their logs are in
 # .run/services/.
 set -euo pipefail
@@ -18,7 +18,7 @@ stop() {
 }
 trap stop EXIT INT TERM
 
-for svc in chat-sequencer chat-router chat-history chat-presence; do
+for svc in chat-sequencer chat-router chat-history chat-presence chat-push; do
   # The sequencer's and router's state stores persist here across restarts.
   CHAT_STATE__DIR=${CHAT_STATE__DIR:-$RUN/state/$svc} "$BIN/$svc" >"$LOGS/$svc.log" 2>&1 &
   pids+=($!)

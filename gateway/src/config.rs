@@ -129,6 +129,12 @@ pub struct Limits {
     /// the newest `sync_bootstrap_events` are sent and the chat is listed in
     /// `synced.truncated`.
     pub sync_max_events_per_chat: u64,
+    /// How long the reconnect-sync markers (`user_changes`) are kept: the
+    /// table's `default_time_to_live` (30 days). A `sync` whose `since` is
+    /// older (less [`FULL_RESYNC_MARGIN_MS`]) is answered as a full resync
+    /// (`synced.full_resync`), never from markers that may have expired.
+    /// At start the gateway refuses a value above the table's TTL.
+    pub sync_markers_retention_ms: u64,
     /// Members of a new group, the creator included.
     pub max_group_members: u32,
     /// Open connections per gateway; more get 503 at the upgrade.
@@ -160,6 +166,7 @@ impl Default for Limits {
             max_history_limit: 100,
             sync_bootstrap_events: 50,
             sync_max_events_per_chat: 1000,
+            sync_markers_retention_ms: 30 * 24 * 3600 * 1000,
             max_group_members: 256,
             max_connections: 10_000,
             max_watched_chats: 16,
@@ -169,6 +176,11 @@ impl Default for Limits {
         }
     }
 }
+
+/// A `sync` whose `since` lies within this margin of the markers'
+/// retention is already answered as a full resync (markers expire by their
+/// write time, which may be a bucket earlier than the change).
+pub const FULL_RESYNC_MARGIN_MS: i64 = 3_600_000;
 
 /// Timeouts, milliseconds.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -255,6 +267,9 @@ impl GatewayConfig {
         if l.max_concurrent_reads == 0 {
             return Err("limits.max_concurrent_reads must be > 0".into());
         }
+        if l.sync_markers_retention_ms <= 2 * FULL_RESYNC_MARGIN_MS as u64 {
+            return Err("limits.sync_markers_retention_ms must be more than 2 hours".into());
+        }
         if l.outbound_queue < 16 || l.max_pending_commands == 0 || l.max_fragments == 0 {
             return Err(
                 "limits.outbound_queue must be >= 16; max_pending_commands and max_fragments > 0"
@@ -336,6 +351,7 @@ variable CHAT_<KEY>, nested keys joined by a double underscore):
   limits.max_history_limit      largest history page                [100]
   limits.sync_bootstrap_events  events per new chat on sync         [50]
   limits.sync_max_events_per_chat events per known chat on sync     [1000]
+  limits.sync_markers_retention_ms user_changes TTL; older since -> full resync [2592000000]
   limits.max_group_members      members of a new group              [256]
   limits.max_connections        connections per gateway             [10000]
   limits.max_watched_chats      chats watched per connection        [16]

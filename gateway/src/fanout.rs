@@ -579,6 +579,8 @@ impl Hub {
             | Body::PushTask(_)
             | Body::GatewayHeartbeat(_)
             | Body::PresenceSettingChanged(_)
+            | Body::PushRegistrationChanged(_)
+            | Body::PushSettingsChanged(_)
             | Body::PresenceChanged(_) => {}
             _ => self.fan_out(record),
         }

@@ -49,6 +49,8 @@ pub struct GatewayMetrics {
     /// Time reads waited for the history projector (only reads that had to).
     pub read_barrier_wait: Histogram,
     pub sync_events: Counter,
+    /// Syncs answered as a full resync (`since` older than the markers).
+    pub full_resyncs: Counter,
     pub live_duplicates_dropped: Counter,
     pub gap_fills: Counter,
     pub deliveries: Family<TypeLabel, Counter>,
@@ -77,6 +79,7 @@ impl GatewayMetrics {
             sync_duration: latency_histogram(),
             read_barrier_wait: latency_histogram(),
             sync_events: Counter::default(),
+            full_resyncs: Counter::default(),
             live_duplicates_dropped: Counter::default(),
             presence_frames: Counter::default(),
             gap_fills: Counter::default(),
@@ -132,6 +135,11 @@ impl GatewayMetrics {
             m.read_barrier_wait.clone(),
         );
         registry.register("sync_events", "Events sent by sync", m.sync_events.clone());
+        registry.register(
+            "full_resyncs",
+            "Syncs whose since was older than the sync markers' retention",
+            m.full_resyncs.clone(),
+        );
         registry.register(
             "presence_frames",
             "Batched presence frames sent to watching connections",

@@ -253,6 +253,22 @@ pub enum ClientFrame {
         muted: bool,
         client_msg_id: Option<String>,
     },
+    /// Registers (or refreshes: the same frame again) this device's push
+    /// token; one registration per device, the latest wins.
+    PushRegister {
+        provider: String,
+        token: String,
+        locale: Option<String>,
+    },
+    /// Removes this device's push registration.
+    PushUnregister,
+    /// The user's do-not-disturb schedule (replaces the earlier one).
+    PushSettings {
+        time_zone: String,
+        /// (start, end) minutes after local midnight; None: no do-not-disturb.
+        dnd: Option<(u32, u32)>,
+        allowed_chats: Vec<Uuid>,
+    },
 }
 
 impl ClientFrame {
@@ -329,6 +345,9 @@ impl ClientFrame {
             ClientFrame::RevokeDevice { .. } => "revoke_device",
             ClientFrame::PresenceSettings { .. } => "presence_settings",
             ClientFrame::Mute { .. } => "mute",
+            ClientFrame::PushRegister { .. } => "push_register",
+            ClientFrame::PushUnregister => "push_unregister",
+            ClientFrame::PushSettings { .. } => "push_settings",
         }
     }
 }
@@ -454,6 +473,186 @@ struct MuteBody {
     muted: bool,
     #[serde(default)]
     client_msg_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushRegisterBody {
+    provider: String,
+    token: String,
+    #[serde(default)]
+    locale: Option<String>,
+}
+
+/// Push providers a device can register with.
+pub const PUSH_PROVIDERS: &[&str] = &["apns", "fcm", "webpush", "webhook"];
+/// Longest push token (or Web Push subscription JSON), bytes.
+pub const MAX_PUSH_TOKEN_BYTES: usize = 4096;
+/// Longest locale tag, bytes.
+pub const MAX_LOCALE_BYTES: usize = 35;
+
+/// Checks a push registration: a known provider, a token of at most
+/// [`MAX_PUSH_TOKEN_BYTES`] in the provider's shape (APNs: hex; FCM: printable
+/// ASCII; webhook: an http(s) URL; Web Push: the subscription JSON
+/// `{"endpoint":"https://...","keys":{"p256dh":..,"auth":..}}` with a 65-byte
+/// uncompressed P-256 key and a 16-byte auth secret, base64url).
+pub fn check_push_registration(
+    provider: &str,
+    token: &str,
+    locale: Option<&str>,
+) -> Result<(), FrameError> {
+    let invalid = |m: String| FrameError::new(ErrorCode::Invalid, m);
+    if !PUSH_PROVIDERS.contains(&provider) {
+        let shown: String = provider.chars().take(32).collect();
+        return Err(invalid(format!(
+            "unknown provider {shown:?}; one of apns, fcm, webpush, webhook"
+        )));
+    }
+    if token.len() > MAX_PUSH_TOKEN_BYTES {
+        return Err(FrameError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "token is {} bytes; at most {MAX_PUSH_TOKEN_BYTES}",
+                token.len()
+            ),
+        ));
+    }
+    if token.is_empty() {
+        return Err(invalid("token must not be empty".into()));
+    }
+    if let Some(l) = locale {
+        if l.is_empty()
+            || l.len() > MAX_LOCALE_BYTES
+            || !l
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "locale must be a BCP 47 tag such as en-GB (1-35 bytes)".into(),
+            ));
+        }
+    }
+    match provider {
+        "apns" => {
+            if !token.len().is_multiple_of(2) || !token.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid("an APNs device token is hex".into()));
+            }
+        }
+        "fcm" => {
+            if !token.chars().all(|c| c.is_ascii_graphic()) {
+                return Err(invalid(
+                    "an FCM registration token is printable ASCII".into(),
+                ));
+            }
+        }
+        "webhook" => {
+            let lower = token.to_ascii_lowercase();
+            let rest = lower
+                .strip_prefix("https://")
+                .or_else(|| lower.strip_prefix("http://"));
+            if rest.is_none_or(|r| r.is_empty() || r.chars().any(|c| c.is_whitespace())) {
+                return Err(invalid("a webhook token is an http(s) URL".into()));
+            }
+        }
+        _ => check_webpush_subscription(token).map_err(|m| {
+            invalid(format!(
+                "malformed Web Push subscription: {m}; expected {{\"endpoint\":\"https://...\",\"keys\":{{\"p256dh\":...,\"auth\":...}}}}"
+            ))
+        })?,
+    }
+    Ok(())
+}
+
+fn check_webpush_subscription(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let v: Value = serde_json::from_str(token).map_err(|e| format!("not JSON ({e})"))?;
+    let endpoint = v
+        .get("endpoint")
+        .and_then(Value::as_str)
+        .ok_or("no endpoint")?;
+    if !endpoint.starts_with("https://") && !endpoint.starts_with("http://") {
+        return Err("endpoint is not an http(s) URL".into());
+    }
+    let key = |name: &str| -> Result<Vec<u8>, String> {
+        let s = v
+            .get("keys")
+            .and_then(|k| k.get(name))
+            .and_then(Value::as_str)
+            .ok_or(format!("no keys.{name}"))?;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(s.trim_end_matches('='))
+            .map_err(|_| format!("keys.{name} is not base64url"))
+    };
+    let p256dh = key("p256dh")?;
+    if p256dh.len() != 65 || p256dh[0] != 4 {
+        return Err("keys.p256dh is not an uncompressed P-256 point (65 bytes)".into());
+    }
+    if key("auth")?.len() != 16 {
+        return Err("keys.auth is not 16 bytes".into());
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct PushSettingsBody {
+    time_zone: String,
+    #[serde(default)]
+    dnd: Option<DndBody>,
+    #[serde(default)]
+    allowed_chats: Vec<Uuid>,
+}
+
+#[derive(Deserialize)]
+struct DndBody {
+    start: String,
+    end: String,
+}
+
+/// Most chats allowed through do-not-disturb.
+pub const MAX_DND_ALLOWED_CHATS: usize = 256;
+
+/// `HH:MM` (24-hour) -> minutes after midnight.
+fn minute_of_day(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    if h.len() != 2 || m.len() != 2 {
+        return None;
+    }
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60).then_some(h * 60 + m)
+}
+
+fn push_settings(b: PushSettingsBody) -> Result<ClientFrame, FrameError> {
+    let invalid = |m: &str| FrameError::new(ErrorCode::Invalid, m);
+    if b.time_zone.parse::<chrono_tz::Tz>().is_err() {
+        return Err(invalid(
+            "time_zone must be an IANA time zone such as Europe/Paris",
+        ));
+    }
+    let dnd = match b.dnd {
+        None => None,
+        Some(d) => {
+            let (Some(start), Some(end)) = (minute_of_day(&d.start), minute_of_day(&d.end)) else {
+                return Err(invalid("dnd.start and dnd.end are HH:MM (24-hour)"));
+            };
+            if start == end {
+                return Err(invalid("dnd.start and dnd.end must differ"));
+            }
+            Some((start, end))
+        }
+    };
+    if b.allowed_chats.len() > MAX_DND_ALLOWED_CHATS {
+        return Err(FrameError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_DND_ALLOWED_CHATS} allowed_chats"),
+        ));
+    }
+    let mut allowed_chats = b.allowed_chats;
+    allowed_chats.sort();
+    allowed_chats.dedup();
+    Ok(ClientFrame::PushSettings {
+        time_zone: b.time_zone,
+        dnd,
+        allowed_chats,
+    })
 }
 
 #[derive(Deserialize)]
@@ -781,6 +980,17 @@ fn parse_body(kind: &str, body: Value, limits: &ParseLimits) -> Result<ClientFra
             let b: PresenceSettingsBody = fields(kind, body)?;
             Ok(ClientFrame::PresenceSettings { hidden: b.hidden })
         }
+        "push_register" => {
+            let b: PushRegisterBody = fields(kind, body)?;
+            check_push_registration(&b.provider, &b.token, b.locale.as_deref())?;
+            Ok(ClientFrame::PushRegister {
+                provider: b.provider,
+                token: b.token,
+                locale: b.locale,
+            })
+        }
+        "push_unregister" => Ok(ClientFrame::PushUnregister),
+        "push_settings" => push_settings(fields(kind, body)?),
         other => {
             let shown: String = other.chars().take(32).collect();
             Err(FrameError::new(
@@ -980,6 +1190,10 @@ pub enum ServerFrame {
         id: FrameId,
         checkpoint: i64,
         truncated: Vec<Uuid>,
+        /// Present (true) only when `since` was older than the sync
+        /// markers' retention: the answer is a full resync.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        full_resync: bool,
     },
     Chats {
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -1122,6 +1336,49 @@ mod tests {
 
     fn code(text: &str) -> ErrorCode {
         parse(text, &L).1.unwrap_err().code
+    }
+
+    #[test]
+    fn push_registrations_are_validated() {
+        let frame = |provider: &str, token: &str| {
+            serde_json::json!({"type": "push_register", "provider": provider, "token": token})
+                .to_string()
+        };
+        let sub = r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"BAcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc","auth":"CQkJCQkJCQkJCQkJCQkJCQ"}}"#;
+        for (provider, token) in [
+            ("apns", "00fc13adff785122"),
+            ("fcm", "abc:APA91b"),
+            ("webhook", "https://hooks.example/x"),
+            ("webpush", sub),
+        ] {
+            match parse(&frame(provider, token), &L).1 {
+                Ok(ClientFrame::PushRegister { provider: p, .. }) => assert_eq!(p, provider),
+                other => panic!("{provider}: {other:?}"),
+            }
+        }
+        assert_eq!(code(&frame("pigeon", "x")), ErrorCode::Invalid);
+        assert_eq!(code(&frame("apns", "xyz")), ErrorCode::Invalid);
+        assert_eq!(code(&frame("webhook", "ftp://x")), ErrorCode::Invalid);
+        assert_eq!(code(&frame("webpush", "{}")), ErrorCode::Invalid);
+        let short = sub.replace("CQkJCQkJCQkJCQkJCQkJCQ", "CQkJ");
+        assert_eq!(code(&frame("webpush", &short)), ErrorCode::Invalid);
+        assert_eq!(code(&frame("fcm", &"t".repeat(5000))), ErrorCode::TooLarge);
+        assert_eq!(
+            parse(r#"{"type":"push_unregister"}"#, &L).1.unwrap(),
+            ClientFrame::PushUnregister
+        );
+        let ok = format!(
+            r#"{{"type":"push_settings","time_zone":"Asia/Kolkata","dnd":{{"start":"22:30","end":"07:00"}},"allowed_chats":["{CHAT}"]}}"#
+        );
+        match parse(&ok, &L).1.unwrap() {
+            ClientFrame::PushSettings { dnd, .. } => assert_eq!(dnd, Some((1350, 420))),
+            other => panic!("{other:?}"),
+        }
+        let tz = r#"{"type":"push_settings","time_zone":"Mars/Olympus"}"#;
+        assert_eq!(code(tz), ErrorCode::Invalid);
+        let t =
+            r#"{"type":"push_settings","time_zone":"UTC","dnd":{"start":"25:00","end":"07:00"}}"#;
+        assert_eq!(code(t), ErrorCode::Invalid);
     }
 
     #[test]

@@ -223,7 +223,11 @@ async fn start(
     health.ready("registry");
     let history: Arc<dyn HistoryReader> = match history {
         Some(h) => h,
-        None => Arc::new(chat_projectors::store::connect(&config.store).await?),
+        None => {
+            let store = chat_projectors::store::connect(&config.store).await?;
+            check_markers_retention(&store, config.limits.sync_markers_retention_ms).await?;
+            Arc::new(store)
+        }
     };
     health.ready("cassandra");
 
@@ -754,5 +758,22 @@ async fn dev_login(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         }))
         .into_response(),
         Err(e) => reject(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// Refuses a `limits.sync_markers_retention_ms` above the TTL of
+/// `user_changes`: a sync would then trust markers that already expired.
+async fn check_markers_retention(
+    store: &chat_projectors::store::Store,
+    retention_ms: u64,
+) -> anyhow::Result<()> {
+    match store.table_default_ttl("user_changes").await? {
+        Some(ttl) if ttl > 0 && retention_ms > ttl as u64 * 1000 => anyhow::bail!(
+            "limits.sync_markers_retention_ms = {retention_ms} exceeds the user_changes TTL \
+             ({ttl} s) in keyspace {}: lower the setting or ALTER the table's \
+             default_time_to_live",
+            store.keyspace()
+        ),
+        _ => Ok(()),
     }
 }

@@ -23,4 +23,5 @@
 pub mod admin;
 pub mod history;
 pub mod presence;
+pub mod push;
 pub mod store;

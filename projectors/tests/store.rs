@@ -62,7 +62,7 @@ async fn migrate_twice_applies_nothing_the_second_time() {
     with_store(|store| async move {
         let again = store.migrate(&Default::default()).await.unwrap();
         assert!(again.applied.is_empty());
-        assert_eq!(again.already, [1, 2, 3]);
+        assert_eq!(again.already, [1, 2, 3, 4]);
         store.require_migrated().await.unwrap();
         let tables = store.tables().await.unwrap();
         let expected = [
@@ -73,12 +73,67 @@ async fn migrate_twice_applies_nothing_the_second_time() {
             "messages",
             "presence",
             "projector_progress",
+            "push_notified",
+            "push_registrations",
+            "push_settings",
             "schema_migrations",
             "user_changes",
             "user_chats",
             "user_devices",
         ];
         assert_eq!(tables, expected);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn push_registrations_follow_record_time() {
+    use chat_projectors::store::{PushRegistration, PushSettings};
+    with_store(|store| async move {
+        let reg = |token: &str| PushRegistration {
+            device: "phone".into(),
+            provider: "apns".into(),
+            token: token.into(),
+            locale: Some("en-GB".into()),
+            updated_at: Some(2_000),
+        };
+        store
+            .put_push_registration("bob", &reg("new"), 2_000)
+            .await
+            .unwrap();
+        // An older record replayed later loses; an older delete too.
+        store
+            .put_push_registration("bob", &reg("old"), 1_000)
+            .await
+            .unwrap();
+        store
+            .delete_push_registration("bob", "phone", 1_500)
+            .await
+            .unwrap();
+        assert_eq!(store.push_registrations("bob").await.unwrap(), [reg("new")]);
+        store
+            .delete_push_registration("bob", "phone", 3_000)
+            .await
+            .unwrap();
+        assert!(store.push_registrations("bob").await.unwrap().is_empty());
+
+        let chat = Uuid::new_v4();
+        assert_eq!(store.push_notified(chat).await.unwrap(), 0);
+        store.put_push_notified(chat, 9).await.unwrap();
+        store.put_push_notified(chat, 4).await.unwrap();
+        assert_eq!(store.push_notified(chat).await.unwrap(), 9);
+
+        let settings = PushSettings {
+            time_zone: "Europe/Paris".into(),
+            dnd: Some((1320, 420)),
+            allowed_chats: vec![chat],
+        };
+        store
+            .put_push_settings("bob", &settings, 5_000)
+            .await
+            .unwrap();
+        assert_eq!(store.push_settings("bob").await.unwrap(), Some(settings));
+        assert_eq!(store.push_settings("ann").await.unwrap(), None);
     })
     .await;
 }

@@ -52,6 +52,8 @@ avsc_files![
     "PresenceSettingChanged",
     "DeviceRevoked",
     "MuteChanged",
+    "PushRegistrationChanged",
+    "PushSettingsChanged",
 ];
 
 /// Full name of the root record.

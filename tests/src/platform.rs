@@ -25,6 +25,8 @@ pub enum Role {
     History,
     Presence,
     Gateway,
+    /// The push projector (`chat-push`); not among the default worker roles.
+    Push,
 }
 
 impl Role {
@@ -35,6 +37,7 @@ impl Role {
             Role::History => "chat-history",
             Role::Presence => "chat-presence",
             Role::Gateway => "chat-gateway",
+            Role::Push => "chat-push",
         }
     }
 }
@@ -92,6 +95,8 @@ pub struct Options {
     /// Run this `chat-history` executable instead of the workspace's (a
     /// benchmark comparing builds).
     pub history_binary: Option<PathBuf>,
+    /// Extra environment for the push projectors (e.g. `CHAT_COALESCE_MS`).
+    pub push_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -110,6 +115,7 @@ impl Default for Options {
             chat_partitions: None,
             history_env: Vec::new(),
             history_binary: None,
+            push_env: Vec::new(),
         }
     }
 }
@@ -278,6 +284,16 @@ impl Platform {
                 env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
                 env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
                 env.extend(self.options.presence_env.iter().cloned());
+            }
+            Role::Push => {
+                env.push(("CHAT_GROUP_ID".into(), format!("{prefix}push")));
+                env.push((
+                    "CHAT_REGISTRATIONS_GROUP_ID".into(),
+                    format!("{prefix}push-registrations"),
+                ));
+                env.push(("CHAT_STORE__KEYSPACE".into(), self.store.keyspace.clone()));
+                env.push(("CHAT_STORE__NODES".into(), self.store.nodes.join(",")));
+                env.extend(self.options.push_env.iter().cloned());
             }
             Role::Gateway => {
                 env.push(("CHAT_GATEWAY_ID".into(), format!("{prefix}gw{i}")));

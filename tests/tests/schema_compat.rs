@@ -58,8 +58,8 @@ async fn the_current_schema_reads_every_released_version() {
 
 #[tokio::test]
 async fn a_change_that_drops_an_event_type_is_refused_against_the_released_versions() {
-    // The check can fail: the current schema without the newest union branch
-    // of `body` cannot read records written with it.
+    // The check can fail: the current schema without one of the union
+    // branches of `body` cannot read records written with it.
     let (registry, topic) = subject_with_released_versions("compat-broken").await;
     let mut schema: serde_json::Value =
         serde_json::from_str(chat_schemas::envelope_schema_json()).unwrap();
@@ -70,7 +70,11 @@ async fn a_change_that_drops_an_event_type_is_refused_against_the_released_versi
         .find(|f| f["name"] == "body")
         .unwrap();
     let branches = body["type"].as_array_mut().unwrap();
-    let dropped = branches.pop().unwrap();
+    // Not the newest branch: without it, a release that only added one
+    // event type equals the previous release, which the registry answers
+    // with that version's id (docs do not count). The one before it makes a
+    // schema no release had.
+    let dropped = branches.remove(branches.len() - 2);
     let err = registry
         .register_schema(&topic, avro(&schema.to_string()))
         .await

@@ -298,6 +298,45 @@ impl Session {
                 });
                 self.on_user_setting(id, body)
             }
+            ClientFrame::PushRegister {
+                provider,
+                token,
+                locale,
+            } => {
+                let body = Body::PushRegistrationChanged(chat_schemas::PushRegistrationChanged {
+                    device_id: self.device.clone(),
+                    provider,
+                    token: Some(token),
+                    locale,
+                    reason: Some("client".into()),
+                    provider_detail: None,
+                });
+                self.on_user_setting(id, body)
+            }
+            ClientFrame::PushUnregister => {
+                let body = Body::PushRegistrationChanged(chat_schemas::PushRegistrationChanged {
+                    device_id: self.device.clone(),
+                    provider: String::new(),
+                    token: None,
+                    locale: None,
+                    reason: Some("client".into()),
+                    provider_detail: None,
+                });
+                self.on_user_setting(id, body)
+            }
+            ClientFrame::PushSettings {
+                time_zone,
+                dnd,
+                allowed_chats,
+            } => {
+                let body = Body::PushSettingsChanged(chat_schemas::PushSettingsChanged {
+                    time_zone,
+                    dnd_start_minute: dnd.map(|d| d.0),
+                    dnd_end_minute: dnd.map(|d| d.1),
+                    allowed_chats,
+                });
+                self.on_user_setting(id, body)
+            }
             ClientFrame::PresenceSettings { hidden } => {
                 let body =
                     Body::PresenceSettingChanged(chat_schemas::PresenceSettingChanged { hidden });

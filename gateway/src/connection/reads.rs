@@ -80,6 +80,9 @@ pub(super) struct SyncDone {
     pub routed_from: Option<HashMap<i32, i64>>,
     pub answer: Result<(Vec<ChatCatchUp>, i64), (ErrorCode, String)>,
     pub started: Instant,
+    /// `since` was older than the sync markers' retention: answered as for
+    /// a new device (plus the chats named), `synced.full_resync`.
+    pub full_resync: bool,
 }
 
 /// How far before the start of its reads a `synced.checkpoint` is set.
@@ -381,6 +384,18 @@ async fn run_sync(
         routed_from: None,
         answer: Err((ErrorCode::Internal, String::new())),
         started,
+        full_resync: false,
+    };
+    // Markers older than their retention may have expired: a checkpoint
+    // that old is not trusted (no silent gap); every current chat is sent.
+    let retention = shared.config.limits.sync_markers_retention_ms as i64;
+    let since = match since {
+        Some(s) if s < now_ms() - retention + crate::config::FULL_RESYNC_MARGIN_MS => {
+            shared.metrics.full_resyncs.inc();
+            done.full_resync = true;
+            None
+        }
+        other => other,
     };
     if let Some((mut answers, mut from)) = routed.take() {
         let t = &shared.config.timeouts;
@@ -571,6 +586,7 @@ impl Session {
                     id: done.id,
                     checkpoint,
                     truncated,
+                    full_resync: done.full_resync,
                     chats: VecDeque::from(chats),
                     row: 0,
                     sent: 0,

@@ -46,6 +46,7 @@ pub(super) struct SyncOut {
     pub id: FrameId,
     pub checkpoint: i64,
     pub truncated: Vec<Uuid>,
+    pub full_resync: bool,
     pub chats: VecDeque<ChatCatchUp>,
     pub row: usize,
     pub sent: u64,
@@ -692,6 +693,7 @@ impl Session {
             id: out.id,
             checkpoint: out.checkpoint,
             truncated: out.truncated,
+            full_resync: out.full_resync,
         });
         self.shared
             .metrics

@@ -11,6 +11,7 @@ mod error;
 mod messages;
 mod presence;
 mod progress;
+mod push;
 mod receipts;
 mod schema;
 
@@ -20,6 +21,7 @@ pub use config::{Consistency, Replication, StoreConfig};
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
 pub use presence::{DeviceRow, PresenceRow};
+pub use push::{PushRegistration, PushSettings};
 pub use receipts::ReceiptRow;
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
 
@@ -48,6 +50,7 @@ pub struct Store {
     progress: Arc<OnceCell<progress::Prepared>>,
     receipts: Arc<OnceCell<receipts::Prepared>>,
     presence: Arc<OnceCell<presence::Prepared>>,
+    push: Arc<OnceCell<push::Prepared>>,
 }
 
 /// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
@@ -89,6 +92,7 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         progress: Arc::default(),
         receipts: Arc::default(),
         presence: Arc::default(),
+        push: Arc::default(),
     })
 }
 
@@ -108,6 +112,20 @@ impl Store {
             .collect();
         names.sort();
         Ok(names)
+    }
+
+    /// The `default_time_to_live` of `table` in seconds (0: none; None: no
+    /// such table).
+    pub async fn table_default_ttl(&self, table: &str) -> Result<Option<i32>, StoreError> {
+        let cql = "SELECT default_time_to_live FROM system_schema.tables \
+                   WHERE keyspace_name = ? AND table_name = ?";
+        let result = self
+            .query("read table options", cql, (&self.keyspace, table))
+            .await?;
+        Ok(rows::<(Option<i32>,)>("read table options", result)?
+            .into_iter()
+            .next()
+            .map(|(ttl,)| ttl.unwrap_or(0)))
     }
 
     /// Drops the keyspace with all its data. For tests and local resets only:

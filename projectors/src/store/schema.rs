@@ -100,6 +100,27 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY ((user_id), device_id)
         ) WITH comment = 'devices of a user (from chat.sessions); tokens issued before revoked_at are refused'",
     ],
+}, Migration {
+    version: 4,
+    description: "push registrations and push progress",
+    statements: &[
+        // Projected from chat.sessions (PushRegistrationChanged, DeviceRevoked) by chat-push,
+        // written USING TIMESTAMP <the record's time in us>.
+        "CREATE TABLE IF NOT EXISTS {ks}.push_registrations (
+            user_id text, device_id text, provider text, push_token text, locale text,
+            updated_at timestamp,
+            PRIMARY KEY ((user_id), device_id)
+        ) WITH comment = 'push registration of each device (from chat.sessions); a revoked or unregistered device has no row'",
+        // notified_seq is written only USING TIMESTAMP <seq>: it never moves back.
+        "CREATE TABLE IF NOT EXISTS {ks}.push_notified (
+            chat_id uuid PRIMARY KEY, notified_seq bigint
+        ) WITH comment = 'per chat: every message up to notified_seq has its push tasks on chat.push (chat-push)'",
+        // From PushSettingsChanged on chat.sessions, USING TIMESTAMP <the record's time in us>.
+        "CREATE TABLE IF NOT EXISTS {ks}.push_settings (
+            user_id text PRIMARY KEY, time_zone text, dnd_start_minute int, dnd_end_minute int,
+            allowed_chats list<uuid>
+        ) WITH comment = 'do-not-disturb schedule per user (from chat.sessions)'",
+    ],
 }];
 
 /// What [`Store::migrate`] did.
