@@ -547,6 +547,7 @@ impl Hub {
             | Body::PushTask(_)
             | Body::GatewayHeartbeat(_)
             | Body::PresenceSettingChanged(_)
+            | Body::PushRegistrationChanged(_)
             | Body::PresenceChanged(_) => {}
             _ => self.fan_out(record),
         }

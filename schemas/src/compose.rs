@@ -52,6 +52,7 @@ avsc_files![
     "PresenceSettingChanged",
     "DeviceRevoked",
     "MuteChanged",
+    "PushRegistrationChanged",
 ];
 
 /// Full name of the root record.

@@ -240,6 +240,28 @@ avro_record! {
         attempt: u32,
         /// Not to be delivered before this instant (ms since epoch).
         not_before: i64,
+        /// The device to notify (one task per (chat, seq, device)).
+        device_id: Option<String>,
+        /// `apns`, `fcm`, `webpush` or `webhook`.
+        provider: Option<String>,
+        /// The provider token, or the Web Push subscription JSON.
+        token: Option<String>,
+        /// The app's locale.
+        locale: Option<String>,
+        /// Messages coalesced into this notification (>= 1).
+        count: Option<u32>,
+        /// The user's unread total when the task was made.
+        badge: Option<u32>,
+        /// Same for every notification of one (chat, device) stream.
+        collapse_key: Option<String>,
+        /// `<chat_id>:<seq>:<device_id>`, the idempotency key.
+        dedupe_key: Option<String>,
+        /// Sender of the latest coalesced message.
+        sender_id: Option<String>,
+        /// `message`, `mention` or `direct`.
+        kind: Option<String>,
+        /// When the projector made the task (ms since epoch).
+        created_ts: Option<i64>,
     }
 }
 
@@ -318,6 +340,24 @@ avro_record! {
     }
 }
 
+avro_record! {
+    /// `chat.v1.PushRegistrationChanged`: a device's push registration changed.
+    PushRegistrationChanged {
+        /// The device.
+        device_id: String,
+        /// `apns`, `fcm`, `webpush` or `webhook`.
+        provider: String,
+        /// The token or Web Push subscription JSON; `None`: removed.
+        token: Option<String>,
+        /// The app's locale.
+        locale: Option<String>,
+        /// `client`, `unregistered`, `invalid_token` or `revoked`.
+        reason: Option<String>,
+        /// The provider's answer when a worker removed it.
+        provider_detail: Option<String>,
+    }
+}
+
 avro_union! {
     /// The `body` union of [`Envelope`]: exactly one event. Variant order is
     /// the union order of the schema; new variants are only ever appended.
@@ -343,6 +383,7 @@ avro_union! {
         PresenceSettingChanged,
         DeviceRevoked,
         MuteChanged,
+        PushRegistrationChanged,
     }
 }
 

@@ -128,19 +128,46 @@ fn body() -> impl Strategy<Value = Body> {
                 reason,
             })
         }),
-        (text(), uuid(), seq(), text(), of(text()), count(), ts()).prop_map(
-            |(user_id, chat_id, seq, title, body_preview, attempt, not_before)| {
-                Body::PushTask(PushTask {
-                    user_id,
-                    chat_id,
-                    seq,
-                    title,
-                    body_preview,
-                    attempt,
-                    not_before,
-                })
-            }
-        ),
+        (
+            (text(), uuid(), seq(), text(), of(text()), count(), ts()),
+            (
+                of(text()),
+                of(text()),
+                of(text()),
+                of(text()),
+                of(count()),
+                of(count())
+            ),
+            (of(text()), of(text()), of(text()), of(text()), of(ts())),
+        )
+            .prop_map(
+                |(
+                    (user_id, chat_id, seq, title, body_preview, attempt, not_before),
+                    (device_id, provider, token, locale, count, badge),
+                    (collapse_key, dedupe_key, sender_id, kind, created_ts),
+                )| {
+                    Body::PushTask(PushTask {
+                        user_id,
+                        chat_id,
+                        seq,
+                        title,
+                        body_preview,
+                        attempt,
+                        not_before,
+                        device_id,
+                        provider,
+                        token,
+                        locale,
+                        count,
+                        badge,
+                        collapse_key,
+                        dedupe_key,
+                        sender_id,
+                        kind,
+                        created_ts,
+                    })
+                }
+            ),
         (
             uuid(),
             outcome(),
@@ -180,6 +207,26 @@ fn body() -> impl Strategy<Value = Body> {
             })
         ),
         any::<bool>().prop_map(|muted| Body::MuteChanged(MuteChanged { muted })),
+        (
+            text(),
+            text(),
+            of(text()),
+            of(text()),
+            of(text()),
+            of(text())
+        )
+            .prop_map(
+                |(device_id, provider, token, locale, reason, provider_detail)| {
+                    Body::PushRegistrationChanged(PushRegistrationChanged {
+                        device_id,
+                        provider,
+                        token,
+                        locale,
+                        reason,
+                        provider_detail,
+                    })
+                }
+            ),
     ]
 }
 

@@ -180,6 +180,17 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             body_preview: None,
             attempt: 0,
             not_before: 1_767_225_600_000,
+            device_id: Some("bob-phone".into()),
+            provider: Some("apns".into()),
+            token: Some("00fc13adff785122b4ad28809a3420982341241421348097878e577c991de8f0".into()),
+            locale: Some("en-GB".into()),
+            count: Some(5),
+            badge: Some(7),
+            collapse_key: None,
+            dedupe_key: None,
+            sender_id: Some("alice".into()),
+            kind: Some("message".into()),
+            created_ts: Some(1_767_225_600_001),
         }),
         Body::CommandResult(CommandResult {
             command_event_id: Uuid::new_v4(),
@@ -205,6 +216,17 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
             revoked_at: 1_767_225_600_000,
         }),
         Body::MuteChanged(chat_schemas::MuteChanged { muted: true }),
+        Body::PushRegistrationChanged(chat_schemas::PushRegistrationChanged {
+            device_id: "phone".into(),
+            provider: "webpush".into(),
+            token: Some(
+                r#"{"endpoint":"https://push.example/x","keys":{"p256dh":"BNc","auth":"tBH"}}"#
+                    .into(),
+            ),
+            locale: Some("fr-FR".into()),
+            reason: Some("client".into()),
+            provider_detail: None,
+        }),
     ];
     bodies
         .into_iter()
@@ -218,6 +240,7 @@ pub fn one_of_every_kind() -> Vec<Envelope> {
                     | Body::GatewayHeartbeat(_)
                     | Body::PresenceSettingChanged(_)
                     | Body::DeviceRevoked(_)
+                    | Body::PushRegistrationChanged(_)
             );
             if user_scoped {
                 envelope(None, None, b)
