@@ -419,6 +419,8 @@ fn envelope(cause: &Envelope, user: &str, body: Body) -> Envelope {
 /// Runs the worker until `shutdown`: both consumers, then a final commit.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Every HTTPS client of the process (the registry's too) uses rustls with ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let log = &config.log;
     let topics = Topics::new(log);
     let retry = retry_topic(log);
