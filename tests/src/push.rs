@@ -107,6 +107,11 @@ impl Fakes {
         self.get("/control/counts").await
     }
 
+    /// `(arrival seconds, task created_ts ms)` of every accepted request.
+    pub async fn times(&self) -> anyhow::Result<Vec<(f64, Option<i64>)>> {
+        Ok(serde_json::from_value(self.get("/control/times").await?)?)
+    }
+
     pub fn webhook_secret(&self) -> String {
         std::fs::read_to_string(self.keys.join("webhook.secret")).unwrap_or_default()
     }

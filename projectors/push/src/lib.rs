@@ -85,9 +85,15 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 
 /// The outcome of a transport failure (connect, reset, timeout): retried.
 pub(crate) fn transport(e: reqwest::Error) -> Outcome {
+    let mut detail = format!("transport: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        detail.push_str(&format!(": {s}"));
+        source = s.source();
+    }
     Outcome::Retry {
         after: None,
-        detail: format!("transport: {e}"),
+        detail,
     }
 }
 

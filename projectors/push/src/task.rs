@@ -60,6 +60,7 @@ impl Notification {
             "kind": self.kind,
             "sender_id": self.sender_id,
             "dedupe_key": self.dedupe_key,
+            "created_ts": self.created_ts,
         })
     }
 }
