@@ -26,7 +26,7 @@ use crate::{answer, retry_after, transport, Notification, Outcome, PushError};
 
 /// An APNs client (one HTTP/2 connection per origin, shared by every request).
 pub struct Apns {
-    http: reqwest::Client,
+    http: crate::http::Http,
     base: String,
     topic: String,
     team_id: String,
@@ -53,7 +53,7 @@ impl Apns {
         let key = p256_key(&key_text(key_value.expose())?)?;
         Ok(Self {
             // APNs speaks only HTTP/2: prior knowledge for h2c, ALPN h2 over TLS.
-            http: crate::http_client(true, timeout)?,
+            http: crate::http::Http::new(true, timeout)?,
             base: cfg.base_url.trim_end_matches('/').to_string(),
             topic: cfg.topic.clone(),
             team_id: cfg.team_id.clone(),
@@ -114,32 +114,34 @@ impl Apns {
         let url = format!("{}/3/device/{token}", self.base);
         let mut collapse = n.collapse_key.clone();
         collapse.truncate(64);
-        let req = self
-            .http
-            .post(url)
-            .header(
+        let headers = [
+            (
                 "authorization",
                 format!("bearer {}", self.provider_token(fresh_token)),
-            )
-            .header("apns-push-type", "alert")
-            .header("apns-topic", &self.topic)
-            .header("apns-priority", "10")
-            .header("apns-collapse-id", collapse)
-            .header("apns-id", n.stable_id().to_string())
-            .header("content-type", "application/json")
-            .body(Self::payload(n).to_string());
-        let resp = match req.send().await {
+            ),
+            ("apns-push-type", "alert".to_string()),
+            ("apns-topic", self.topic.clone()),
+            ("apns-priority", "10".to_string()),
+            ("apns-collapse-id", collapse),
+            ("apns-id", n.stable_id().to_string()),
+            ("content-type", "application/json".to_string()),
+        ];
+        let resp = match self
+            .http
+            .post(&url, &headers, Self::payload(n).to_string().into_bytes())
+            .await
+        {
             Ok(r) => r,
             Err(e) => return transport(e),
         };
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
+        let status = resp.status;
+        let after = retry_after(&resp.headers);
         let id = resp
-            .headers()
+            .headers
             .get("apns-id")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let body = resp.text().await.unwrap_or_default();
+        let body = resp.body;
         let reason = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("reason").and_then(|r| r.as_str()).map(str::to_string))

@@ -17,8 +17,8 @@ pub struct WorkerConfig {
     /// Cassandra: the sent-markers (table `push_sent`, created at start).
     pub store: StoreConfig,
     pub push: PushConfig,
-    /// `host:port` of /health and /metrics; empty: none.
-    pub admin_listen: String,
+    /// `host:port` of /health and /metrics; unset: not served.
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 impl chat_runtime::ServiceConfig for WorkerConfig {

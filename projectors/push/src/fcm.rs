@@ -34,7 +34,7 @@ struct ServiceAccount {
 
 /// An FCM HTTP v1 client.
 pub struct Fcm {
-    http: reqwest::Client,
+    http: crate::http::Http,
     send_url: String,
     token_url: String,
     client_email: String,
@@ -77,7 +77,7 @@ impl Fcm {
             "https://oauth2.googleapis.com/token".into()
         };
         Ok(Self {
-            http: crate::http_client(false, timeout)?,
+            http: crate::http::Http::new(false, timeout)?,
             send_url: format!(
                 "{}/v1/projects/{project}/messages:send",
                 cfg.base_url.trim_end_matches('/')
@@ -115,17 +115,18 @@ impl Fcm {
             "grant_type={}&assertion={assertion}",
             GRANT.replace(':', "%3A")
         );
+        let headers = [(
+            "content-type",
+            "application/x-www-form-urlencoded".to_string(),
+        )];
         let resp = self
             .http
-            .post(&self.token_url)
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form)
-            .send()
+            .post(&self.token_url, &headers, form.into_bytes())
             .await
             .map_err(transport)?;
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let body = resp.text().await.unwrap_or_default();
+        let status = resp.status;
+        let after = retry_after(&resp.headers);
+        let body = resp.body;
         if status != 200 {
             let detail = format!("OAuth2 token endpoint: {}", answer(status, &body));
             return Err(if status == 429 || status >= 500 {
@@ -199,20 +200,25 @@ impl Fcm {
             Ok(t) => t,
             Err(o) => return o,
         };
+        let headers = [
+            ("authorization", format!("Bearer {token}")),
+            ("content-type", "application/json".to_string()),
+        ];
         let resp = match self
             .http
-            .post(&self.send_url)
-            .bearer_auth(token)
-            .json(&Self::message(n))
-            .send()
+            .post(
+                &self.send_url,
+                &headers,
+                Self::message(n).to_string().into_bytes(),
+            )
             .await
         {
             Ok(r) => r,
             Err(e) => return transport(e),
         };
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let body = resp.text().await.unwrap_or_default();
+        let status = resp.status;
+        let after = retry_after(&resp.headers);
+        let body = resp.body;
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         if status == 200 {
             let id = v.get("name").and_then(|x| x.as_str()).map(str::to_string);

@@ -22,6 +22,7 @@
 pub mod apns;
 pub mod config;
 pub mod fcm;
+pub mod http;
 pub mod jwt;
 pub mod marker;
 pub mod retry;
@@ -72,9 +73,9 @@ pub enum PushError {
 }
 
 /// `Retry-After` as seconds (RFC 9110 also allows an HTTP date: treated as absent).
-pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &hyper::header::HeaderMap) -> Option<Duration> {
     headers
-        .get(reqwest::header::RETRY_AFTER)?
+        .get(hyper::header::RETRY_AFTER)?
         .to_str()
         .ok()?
         .trim()
@@ -84,16 +85,10 @@ pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Durati
 }
 
 /// The outcome of a transport failure (connect, reset, timeout): retried.
-pub(crate) fn transport(e: reqwest::Error) -> Outcome {
-    let mut detail = format!("transport: {e}");
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail.push_str(&format!(": {s}"));
-        source = s.source();
-    }
+pub(crate) fn transport(e: http::TransportError) -> Outcome {
     Outcome::Retry {
         after: None,
-        detail,
+        detail: format!("transport: {e}"),
     }
 }
 
@@ -108,25 +103,4 @@ pub(crate) fn answer(status: u16, body: &str) -> String {
         b.truncate(cut);
     }
     format!("{status} {b}")
-}
-
-/// The HTTP client every provider uses: rustls (ring) for `https://`, with
-/// the platform's roots; HTTP/2 when ALPN offers it.
-pub fn http_client(
-    prior_knowledge_h2: bool,
-    timeout: Duration,
-) -> Result<reqwest::Client, PushError> {
-    // Installing twice is harmless (the first provider stays).
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut b = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(600))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .http2_keep_alive_while_idle(true);
-    if prior_knowledge_h2 {
-        b = b.http2_prior_knowledge();
-    }
-    b.build()
-        .map_err(|e| PushError::Config(format!("http client: {e}")))
 }

@@ -30,7 +30,7 @@ pub const HEADER_DEDUPE_KEY: &str = "x-chat-dedupe-key";
 
 /// The webhook sender.
 pub struct Webhook {
-    http: reqwest::Client,
+    http: crate::http::Http,
     secret: Vec<u8>,
 }
 
@@ -58,7 +58,7 @@ impl Webhook {
             .as_ref()
             .ok_or_else(|| PushError::Config("push.webhook.secret is not set".into()))?;
         Ok(Self {
-            http: crate::http_client(false, timeout)?,
+            http: crate::http::Http::new(false, timeout)?,
             secret: secret.expose().as_bytes().to_vec(),
         })
     }
@@ -95,24 +95,20 @@ impl Webhook {
         }
         let body = Self::body(n).to_string().into_bytes();
         let ts = now_secs();
-        let resp = match self
-            .http
-            .post(url)
-            .header("content-type", "application/json")
-            .header(HEADER_TIMESTAMP, ts.to_string())
-            .header(HEADER_SIGNATURE, signature(&self.secret, ts, &body))
-            .header(HEADER_DEDUPE_KEY, &n.dedupe_key)
-            .header("idempotency-key", &n.dedupe_key)
-            .body(body)
-            .send()
-            .await
-        {
+        let headers = [
+            ("content-type", "application/json".to_string()),
+            (HEADER_TIMESTAMP, ts.to_string()),
+            (HEADER_SIGNATURE, signature(&self.secret, ts, &body)),
+            (HEADER_DEDUPE_KEY, n.dedupe_key.clone()),
+            ("idempotency-key", n.dedupe_key.clone()),
+        ];
+        let resp = match self.http.post(url, &headers, body).await {
             Ok(r) => r,
             Err(e) => return transport(e),
         };
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let text = resp.text().await.unwrap_or_default();
+        let status = resp.status;
+        let after = retry_after(&resp.headers);
+        let text = resp.body;
         match status {
             200..=299 => Outcome::Sent { status, id: None },
             410 => Outcome::Unregistered {

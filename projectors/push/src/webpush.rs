@@ -46,7 +46,7 @@ pub struct SubscriptionKeys {
 
 /// A Web Push sender with its VAPID key.
 pub struct WebPush {
-    http: reqwest::Client,
+    http: crate::http::Http,
     vapid: SigningKey,
     vapid_public: String,
     subject: String,
@@ -154,7 +154,7 @@ impl WebPush {
             .ok_or_else(|| PushError::Config("push.webpush.vapid_private_key is not set".into()))?;
         let vapid = p256_key(&key_text(key.expose())?)?;
         Ok(Self {
-            http: crate::http_client(false, timeout)?,
+            http: crate::http::Http::new(false, timeout)?,
             vapid_public: b64url(&public_point(&vapid)),
             vapid,
             subject: cfg.vapid_subject.clone(),
@@ -214,33 +214,29 @@ impl WebPush {
         } else {
             "normal"
         };
-        let resp = match self
-            .http
-            .post(&sub.endpoint)
-            .header(
+        let headers = [
+            (
                 "authorization",
                 format!("vapid t={jwt}, k={}", self.vapid_public),
-            )
-            .header("content-encoding", "aes128gcm")
-            .header("content-type", "application/octet-stream")
-            .header("ttl", self.ttl.to_string())
-            .header("urgency", urgency)
-            .header("topic", topic_of(&n.collapse_key))
-            .body(body)
-            .send()
-            .await
-        {
+            ),
+            ("content-encoding", "aes128gcm".to_string()),
+            ("content-type", "application/octet-stream".to_string()),
+            ("ttl", self.ttl.to_string()),
+            ("urgency", urgency.to_string()),
+            ("topic", topic_of(&n.collapse_key)),
+        ];
+        let resp = match self.http.post(&sub.endpoint, &headers, body).await {
             Ok(r) => r,
             Err(e) => return transport(e),
         };
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
+        let status = resp.status;
+        let after = retry_after(&resp.headers);
         let id = resp
-            .headers()
+            .headers
             .get("location")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let text = resp.text().await.unwrap_or_default();
+        let text = resp.body;
         match status {
             200..=202 => Outcome::Sent { status, id },
             404 | 410 => Outcome::Unregistered {

@@ -27,7 +27,6 @@
 //! idempotency key (`apns-id`, `X-Chat-Dedupe-Key`).
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +37,8 @@ use chat_log::{
 use chat_runtime::now_ms;
 use chat_schemas::{Body, Envelope, PushRegistrationChanged, PushTask};
 use futures::StreamExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -174,14 +175,44 @@ pub fn notification(t: &PushTask) -> Result<Notification, String> {
     })
 }
 
-/// Counters, logged on shutdown and read by the benchmark through the logs.
+/// The worker's counters (`/metrics`: `push_sent_total`, ...; logged on shutdown).
 #[derive(Debug, Default)]
 pub struct Counters {
-    pub sent: AtomicU64,
-    pub retried: AtomicU64,
-    pub removed: AtomicU64,
-    pub dead: AtomicU64,
-    pub skipped: AtomicU64,
+    pub sent: Counter,
+    pub retried: Counter,
+    pub removed: Counter,
+    pub dead: Counter,
+    pub skipped: Counter,
+}
+
+impl Counters {
+    fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "push_sent",
+            "Notifications a provider accepted",
+            self.sent.clone(),
+        );
+        reg.register(
+            "push_retried",
+            "Attempts re-appended to the retry topic (429, 5xx, transport)",
+            self.retried.clone(),
+        );
+        reg.register(
+            "push_removed",
+            "Registrations removed because the provider said the token is dead",
+            self.removed.clone(),
+        );
+        reg.register(
+            "push_dead",
+            "Tasks dead-lettered (refused, or out of attempts)",
+            self.dead.clone(),
+        );
+        reg.register(
+            "push_skipped",
+            "Tasks skipped: already settled (sent-marker) or twice in a batch",
+            self.skipped.clone(),
+        );
+    }
 }
 
 /// What one worker shares between its two consumers.
@@ -250,13 +281,13 @@ impl Worker {
             Outcome::Sent { id, .. } => {
                 self.mark(&n.dedupe_key, SENT, id.as_deref(), shutdown)
                     .await?;
-                self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                self.counters.sent.inc_by(1);
                 tracing::debug!(key = %n.dedupe_key, provider = %n.provider, attempt = n.attempt, "push sent");
                 Ok(Settled::Done)
             }
             Outcome::Retry { after, detail } => {
                 if n.attempt >= self.cfg.max_attempts {
-                    self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                    self.counters.dead.inc_by(1);
                     return Ok(Settled::Dead(format!(
                         "{} after {} attempts: {detail}",
                         n.provider, n.attempt
@@ -275,7 +306,7 @@ impl Worker {
                 next.not_before =
                     now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2);
                 self.append_retry(event, next).await?;
-                self.counters.retried.fetch_add(1, Ordering::Relaxed);
+                self.counters.retried.inc_by(1);
                 Ok(Settled::Done)
             }
             Outcome::Unregistered { reason, detail } => {
@@ -294,11 +325,11 @@ impl Worker {
                     .await
                     .map_err(|e| format!("append PushRegistrationChanged: {e}"))?;
                 self.mark(&n.dedupe_key, REMOVED, None, shutdown).await?;
-                self.counters.removed.fetch_add(1, Ordering::Relaxed);
+                self.counters.removed.inc_by(1);
                 Ok(Settled::Done)
             }
             Outcome::Rejected { detail } => {
-                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+                self.counters.dead.inc_by(1);
                 Ok(Settled::Dead(format!("{} refused: {detail}", n.provider)))
             }
         }
@@ -360,7 +391,7 @@ impl Worker {
                     if seen.insert(key.clone()) {
                         work.push((i, key, t));
                     } else {
-                        self.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                        self.counters.skipped.inc_by(1);
                     }
                 }
                 other => dead.push((i, format!("not a push task: {}", other.kind()))),
@@ -378,7 +409,7 @@ impl Worker {
             .collect();
         self.counters
             .skipped
-            .fetch_add((keys.len() - todo.len()) as u64, Ordering::Relaxed);
+            .inc_by((keys.len() - todo.len()) as u64);
         let results: Vec<(usize, Result<Settled, String>)> = futures::stream::iter(todo)
             .map(|(i, _, t)| {
                 let shutdown = shutdown.clone();
@@ -417,10 +448,19 @@ fn envelope(cause: &Envelope, user: &str, body: Body) -> Envelope {
 }
 
 /// Runs the worker until `shutdown`: both consumers, then a final commit.
-pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(config: WorkerConfig, shutdown: chat_runtime::Shutdown) -> anyhow::Result<()> {
+    let health = chat_runtime::Health::new();
+    let counters = Counters::default();
+    if let Some(addr) = config.listen {
+        let mut reg = Registry::default();
+        counters.register(&mut reg);
+        chat_runtime::serve_admin(addr, health.clone(), Arc::new(reg), shutdown.clone())
+            .await
+            .with_context(|| format!("cannot serve /health and /metrics on {addr}"))?;
+    }
+    health.not_ready("push-worker", "starting");
+    let shutdown = shutdown.token();
     use anyhow::Context;
-    // Every HTTPS client of the process (the registry's too) uses rustls with ring.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let log = &config.log;
     let topics = Topics::new(log);
     let retry = retry_topic(log);
@@ -466,8 +506,9 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
         producer,
         sessions_topic: topics.sessions.clone(),
         retry_topic: retry,
-        counters: Counters::default(),
+        counters,
     });
+    health.ready("push-worker");
     let max_batch = config.push.max_batch;
     let w1 = worker.clone();
     let s1 = shutdown.clone();
@@ -492,11 +533,11 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> anyhow::R
     let (ra, rb) = tokio::join!(a, b);
     let c = &worker.counters;
     tracing::info!(
-        sent = c.sent.load(Ordering::Relaxed),
-        retried = c.retried.load(Ordering::Relaxed),
-        removed = c.removed.load(Ordering::Relaxed),
-        dead = c.dead.load(Ordering::Relaxed),
-        skipped = c.skipped.load(Ordering::Relaxed),
+        sent = c.sent.get(),
+        retried = c.retried.get(),
+        removed = c.removed.get(),
+        dead = c.dead.get(),
+        skipped = c.skipped.get(),
         "push worker stopped"
     );
     ra.context("chat.push consumer")?;

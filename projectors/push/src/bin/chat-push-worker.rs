@@ -11,7 +11,8 @@ use std::path::PathBuf;
 const OPTIONS_HELP: &str = "\
 Configuration (TOML keys; CHAT_<KEY> overrides, nested keys joined by __,
 e.g. CHAT_PUSH__APNS__BASE_URL=http://127.0.0.1:9443):
-  log.*, store.*             as in chat-admin --help
+  log.*, store.*             as in chat-admin --help (store: the sent-markers, table push_sent)
+  listen                     host:port of /health and /metrics      [unset: not served]
   push.group_id              consumer group                         [chat-push-worker]
   push.max_batch, push.concurrency, push.max_attempts               [256, 64, 12]
   push.retry_base_ms, push.retry_max_ms                             [1000, 300000]
@@ -43,5 +44,5 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(config: WorkerConfig, shutdown: Shutdown) -> anyhow::Result<()> {
-    chat_push_send::worker::run(config, shutdown.token()).await
+    chat_push_send::worker::run(config, shutdown).await
 }
