@@ -327,6 +327,10 @@ async fn payloads_verify_with_independent_implementations() {
     assert_eq!(r[0]["payload"]["notification"]["body"], text);
     assert_eq!(r[0]["payload"]["data"]["seq"], "7");
     assert_eq!(r[0]["payload"]["android"]["collapse_key"], chat.to_string());
+
+    // SIGTERM: the worker drains and exits 0.
+    let status = worker.terminate().unwrap();
+    assert!(status.success(), "exit {status}\n{}", worker.output());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,7 +339,7 @@ async fn kill_9_mid_batch_neither_drops_nor_repeats() {
     let log = TestLog::start("push-kill").await.unwrap();
     let fakes = Fakes::start().await.unwrap();
     // Slow answers, so the kill lands while requests are in flight.
-    fakes.delay(20).await.unwrap();
+    fakes.delay(50).await.unwrap();
     let chat = Uuid::new_v4();
     let mut keys = Vec::with_capacity(N);
     for i in 0..N {

@@ -273,10 +273,11 @@ impl Worker {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        let outcome = {
-            let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
-            self.providers.send(&n).await
-        };
+        // The permit is held until the outcome is recorded (marker written,
+        // retry or removal appended): requests accepted but not yet marked
+        // (the resend window of a crash) never exceed `push.concurrency`.
+        let _permit = self.permits.acquire().await.map_err(|e| e.to_string())?;
+        let outcome = self.providers.send(&n).await;
         match outcome {
             Outcome::Sent { id, .. } => {
                 self.mark(&n.dedupe_key, SENT, id.as_deref(), shutdown)
