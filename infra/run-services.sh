@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: runs the platform's services against the local stack (which
 # `make infra-up` started): the sequencer, the delivery router, the
-# history projector, the presence service and the push projector in the background, and one gateway in the foreground
+# history projector, the presence service, the push projector and the push worker in the background, and one gateway in the foreground
 # with the development login on. Ctrl-C stops them all; their logs are in
 # .run/services/.
 set -euo pipefail
@@ -24,6 +24,14 @@ for svc in chat-sequencer chat-router chat-history chat-presence chat-push; do
   pids+=($!)
   echo "started $svc (pid $!), log: $LOGS/$svc.log"
 done
+
+# The push worker, with only the signed webhook on (no provider credentials
+# needed; README.md "Push notifications" shows how to enable APNs, FCM, Web Push).
+CHAT_PUSH__WEBHOOK__ENABLED=${CHAT_PUSH__WEBHOOK__ENABLED:-true} \
+CHAT_PUSH__WEBHOOK__SECRET=${CHAT_PUSH__WEBHOOK__SECRET:-dev-webhook-secret-change-me} \
+  "$BIN/chat-push-worker" >"$LOGS/chat-push-worker.log" 2>&1 &
+pids+=($!)
+echo "started chat-push-worker (pid $!), log: $LOGS/chat-push-worker.log"
 
 PORT=${CHAT_GATEWAY_PORT:-8080}
 export CHAT_LISTEN=${CHAT_LISTEN:-127.0.0.1:$PORT}

@@ -9,6 +9,7 @@
 pub mod checker;
 pub mod envelopes;
 pub mod platform;
+pub mod push;
 pub mod ws;
 
 use chat_log::{EventProducer, LogConfig, SchemaRegistry, Topics};
