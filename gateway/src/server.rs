@@ -223,7 +223,11 @@ async fn start(
     health.ready("registry");
     let history: Arc<dyn HistoryReader> = match history {
         Some(h) => h,
-        None => Arc::new(chat_projectors::store::connect(&config.store).await?),
+        // Follows store.keyspace_alias when one is set (chat-admin switch).
+        None => Arc::new(
+            chat_projectors::alias::FollowingStore::connect(&config.store, shutdown.token())
+                .await?,
+        ),
     };
     health.ready("cassandra");
 

@@ -7,8 +7,10 @@
 mod batch;
 mod chats;
 mod config;
+mod daily;
 mod error;
 mod messages;
+mod ops;
 mod presence;
 mod progress;
 mod receipts;
@@ -16,9 +18,11 @@ mod schema;
 
 pub use batch::Write;
 pub use chats::{change_bucket, floor_to_second, ChatRow, UserChatRow, CHANGE_BUCKET_MS};
-pub use config::{Consistency, Replication, StoreConfig};
+pub use config::{is_identifier, Consistency, Replication, StoreConfig};
+pub use daily::DailyRow;
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
+pub use ops::{fnv1a64, AliasRow, Digest, TableDigest};
 pub use presence::{DeviceRow, PresenceRow};
 pub use receipts::ReceiptRow;
 pub use schema::{Migration, MigrationReport, MIGRATIONS};
@@ -48,6 +52,7 @@ pub struct Store {
     progress: Arc<OnceCell<progress::Prepared>>,
     receipts: Arc<OnceCell<receipts::Prepared>>,
     presence: Arc<OnceCell<presence::Prepared>>,
+    daily: Arc<OnceCell<daily::Prepared>>,
 }
 
 /// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
@@ -89,6 +94,7 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         progress: Arc::default(),
         receipts: Arc::default(),
         presence: Arc::default(),
+        daily: Arc::default(),
     })
 }
 

@@ -100,6 +100,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             PRIMARY KEY ((user_id), device_id)
         ) WITH comment = 'devices of a user (from chat.sessions); tokens issued before revoked_at are refused'",
     ],
+}, Migration {
+    version: 4,
+    description: "daily chat statistics (the example backfill projection)",
+    statements: &[
+        // Whole state of the day as of last_seq, written USING TIMESTAMP last_seq.
+        "CREATE TABLE IF NOT EXISTS {ks}.chat_daily_stats (
+            chat_id uuid, day date, messages bigint, events bigint,
+            active_members frozen<set<text>>, last_seq bigint,
+            PRIMARY KEY ((chat_id), day)
+        ) WITH CLUSTERING ORDER BY (day DESC)
+          AND comment = 'per chat and UTC day: messages, events, members who sent a message; state as of last_seq'",
+    ],
 }];
 
 /// What [`Store::migrate`] did.
