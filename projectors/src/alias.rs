@@ -22,6 +22,8 @@ pub struct AliasWatch {
     control: Store,
     alias: String,
     poll: Duration,
+    /// Used while the alias is not set (`store.keyspace`).
+    fallback: String,
 }
 
 impl AliasWatch {
@@ -32,6 +34,7 @@ impl AliasWatch {
             control: base.with_keyspace(&cfg.control_keyspace),
             alias: alias.clone(),
             poll: Duration::from_millis(cfg.alias_poll_ms),
+            fallback: cfg.keyspace.clone(),
         })
     }
 
@@ -39,17 +42,18 @@ impl AliasWatch {
         &self.alias
     }
 
-    /// The keyspace the alias names now.
+    /// The keyspace the alias names now (`store.keyspace` while the alias
+    /// is not set: the first `chat-admin switch` sets it).
     pub async fn keyspace(&self) -> Result<String, StoreError> {
         match self.control.alias(&self.alias).await {
             Ok(Some(row)) => Ok(row.keyspace),
-            Ok(None) => Err(StoreError::Config(format!(
-                "keyspace alias {:?} is not set in {}.keyspace_aliases: run `chat-admin switch --alias {} --to <keyspace>`",
+            Ok(None) => Ok(self.fallback.clone()),
+            Err(e) => Err(StoreError::Config(format!(
+                "cannot read keyspace alias {:?} in {}.keyspace_aliases ({e}): create it with `chat-admin switch --alias {} --show`",
                 self.alias,
                 self.control.keyspace(),
                 self.alias
             ))),
-            Err(e) => Err(e),
         }
     }
 

@@ -103,12 +103,16 @@ pub async fn run(args: SwitchArgs, config: &AdminConfig) -> anyhow::Result<ExitC
         .require_migrated()
         .await
         .map_err(|e| anyhow::anyhow!("target keyspace {to}: {e}"))?;
-    if let Some(current) = &now {
-        if current.keyspace == to {
+    // Services fall back to store.keyspace while the alias is unset.
+    let current = now
+        .as_ref()
+        .map_or(config.store.keyspace.clone(), |r| r.keyspace.clone());
+    {
+        if current == to {
             anyhow::bail!("alias {} already names {to}", args.alias);
         }
-        if !args.force {
-            let source = control.with_keyspace(&current.keyspace);
+        if !args.force && control.keyspace_exists(&current).await? {
+            let source = control.with_keyspace(&current);
             let want = source.progress(HISTORY_PROJECTOR).await?;
             let deadline = Instant::now() + Duration::from_secs(args.catch_up_timeout);
             loop {
@@ -123,9 +127,7 @@ pub async fn run(args: SwitchArgs, config: &AdminConfig) -> anyhow::Result<ExitC
                 }
                 anyhow::ensure!(
                     Instant::now() < deadline,
-                    "{to} is behind {} (partition, {to}, {}): {behind:?}; keep `chat-admin replay --follow` running into {to}, or pass --force",
-                    current.keyspace,
-                    current.keyspace
+                    "{to} is behind {current} (partition, {to}, {current}): {behind:?}; keep `chat-admin replay --follow` running into {to}, or pass --force"
                 );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -143,16 +145,15 @@ pub async fn run(args: SwitchArgs, config: &AdminConfig) -> anyhow::Result<ExitC
     let report = SwitchReport {
         alias: args.alias.clone(),
         keyspace: Some(to.clone()),
-        previous: expected.map(str::to_string),
+        previous: Some(current.clone()),
         switched: true,
     };
     if args.json {
         super::print_json(&report)?;
     } else {
         println!(
-            "alias {} -> {to} (was {}); services following it move within store.alias_poll_ms; the old keyspace is kept until `chat-admin drop-keyspace`",
-            args.alias,
-            expected.unwrap_or("unset")
+            "alias {} -> {to} (was {current}); services following it move within store.alias_poll_ms; the old keyspace is kept until `chat-admin drop-keyspace`",
+            args.alias
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -6,8 +6,8 @@
 //!
 //! # Keyspace aliases
 //!
-//! Table `<control keyspace>.keyspace_aliases (alias PRIMARY KEY, keyspace,
-//! previous, switched_at)`: services configured with `store.keyspace_alias`
+//! Table `<control keyspace>.keyspace_aliases (alias PRIMARY KEY, target,
+//! previous, switched_at)` (`target`: the keyspace): services configured with `store.keyspace_alias`
 //! read the keyspace the alias names at start and every
 //! `store.alias_poll_ms`, and move over when it changes. `previous` keeps
 //! the keyspace switched away from (kept until an explicit drop).
@@ -157,7 +157,7 @@ impl Store {
             "create keyspace_aliases",
             format!(
                 "CREATE TABLE IF NOT EXISTS {ks}.keyspace_aliases (alias text PRIMARY KEY, \
-                 keyspace text, previous text, switched_at timestamp) \
+                 target text, previous text, switched_at timestamp) \
                  WITH comment = 'alias -> keyspace the services use (chat-admin switch)'"
             ),
             (),
@@ -170,7 +170,7 @@ impl Store {
     pub async fn alias(&self, alias: &str) -> Result<Option<AliasRow>, StoreError> {
         let what = "read keyspace alias";
         let cql = format!(
-            "SELECT alias, keyspace, previous, switched_at FROM {}.keyspace_aliases WHERE alias = ?",
+            "SELECT alias, target, previous, switched_at FROM {}.keyspace_aliases WHERE alias = ?",
             self.keyspace
         );
         let result = self.query(what, cql, (alias,)).await?;
@@ -203,7 +203,7 @@ impl Store {
         let result = match expected {
             None => {
                 let cql = format!(
-                    "INSERT INTO {ks}.keyspace_aliases (alias, keyspace, switched_at) \
+                    "INSERT INTO {ks}.keyspace_aliases (alias, target, switched_at) \
                      VALUES (?, ?, ?) IF NOT EXISTS"
                 );
                 self.query(what, cql, (alias, keyspace, CqlTimestamp(now_ms)))
@@ -211,8 +211,8 @@ impl Store {
             }
             Some(old) => {
                 let cql = format!(
-                    "UPDATE {ks}.keyspace_aliases SET keyspace = ?, previous = ?, switched_at = ? \
-                     WHERE alias = ? IF keyspace = ?"
+                    "UPDATE {ks}.keyspace_aliases SET target = ?, previous = ?, switched_at = ? \
+                     WHERE alias = ? IF target = ?"
                 );
                 self.query(what, cql, (keyspace, old, CqlTimestamp(now_ms), alias, old))
                     .await?
@@ -246,7 +246,7 @@ impl Store {
     pub async fn aliases(&self) -> Result<Vec<AliasRow>, StoreError> {
         let what = "read keyspace aliases";
         let cql = format!(
-            "SELECT alias, keyspace, previous, switched_at FROM {}.keyspace_aliases",
+            "SELECT alias, target, previous, switched_at FROM {}.keyspace_aliases",
             self.keyspace
         );
         let result = self.query(what, cql, ()).await?;
