@@ -314,8 +314,9 @@ pub struct ReplayReport {
 
 /// How long the reader waits for a record before it checks whether it is done.
 const POLL: Duration = Duration::from_millis(200);
-/// Partition batches queued per worker.
-const QUEUE: usize = 4;
+/// Chunks queued per partition worker: the worker merges what queued up
+/// (up to `batch_max_events`) while its previous batch was written.
+const QUEUE: usize = 256;
 
 type Chunk = Vec<(i64, Option<Envelope>)>;
 

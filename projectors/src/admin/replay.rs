@@ -272,10 +272,13 @@ fn print_progress(
     line.push_str("\n  ");
     line.push_str(&per.join(" | "));
     if std::io::stderr().is_terminal() {
-        eprintln!("{line}");
-    } else {
-        eprintln!("{line}");
+        // Redraw in place: back to the start of the previous two lines.
+        static DRAWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if DRAWN.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprint!("\x1b[2F\x1b[J");
+        }
     }
+    eprintln!("{line}");
     (std::time::Instant::now(), done)
 }
 
