@@ -312,6 +312,15 @@ pub struct ReplayReport {
     pub partitions: Vec<PartitionProgress>,
 }
 
+/// Checks that Kafka and the schema registry answer (each error names
+/// which, and where); returns the registry client.
+pub async fn check_log(log: &LogConfig) -> anyhow::Result<Arc<SchemaRegistry>> {
+    chat_log::topics::check_brokers(log).await?;
+    let registry = Arc::new(SchemaRegistry::new(log)?);
+    registry.check_reachable().await?;
+    Ok(registry)
+}
+
 /// How long the reader waits for a record before it checks whether it is done.
 const POLL: Duration = Duration::from_millis(200);
 /// Chunks queued per partition worker: the worker merges what queued up
@@ -335,14 +344,7 @@ pub async fn run(
     let topics = Topics::new(log);
     let topic = projection.topic(&topics);
     let name = projection.name();
-    chat_log::topics::check_brokers(log)
-        .await
-        .with_context(|| format!("Kafka at {} unreachable", log.brokers))?;
-    let registry = Arc::new(SchemaRegistry::new(log)?);
-    registry
-        .check_reachable()
-        .await
-        .with_context(|| format!("schema registry at {} unreachable", log.registry_url))?;
+    let registry = check_log(log).await?;
     let partitions: Vec<i32> = chat_log::topics::partitions(log, &topic)
         .await
         .with_context(|| format!("reading the partitions of {topic}"))?

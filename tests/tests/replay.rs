@@ -549,3 +549,73 @@ async fn switch_moves_gateway_reads_and_the_projector_without_a_failed_request()
     control.drop_keyspace().await.unwrap();
     p.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_explain_what_they_cannot_reach_and_have_help() {
+    let log = chat_tests::log_config("replay-errors");
+    let store = StoreConfig::default();
+    let run = |env: Vec<(&'static str, &'static str)>, args: &'static [&'static str]| {
+        let mut cmd = chat_admin(&log, &store, "debug", args).unwrap();
+        cmd.envs(env)
+            .env("CHAT_LOG__CONNECT_TIMEOUT_MS", "2000")
+            .env("CHAT_STORE__CONNECT_TIMEOUT_MS", "2000")
+            .stderr(std::process::Stdio::piped());
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    let replay: &'static [&'static str] = &[
+        "replay",
+        "--projection",
+        "history",
+        "--keyspace",
+        "never_created_x",
+    ];
+    let (code, err) = run(vec![("CHAT_LOG__BROKERS", "127.0.0.1:1")], replay).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach Kafka at 127.0.0.1:1"), "{err}");
+    let (code, err) = run(
+        vec![(
+            "CHAT_LOG__REGISTRY_URL",
+            "http://127.0.0.1:1/apis/ccompat/v7",
+        )],
+        replay,
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach the schema registry"), "{err}");
+    let (code, err) = run(vec![("CHAT_STORE__NODES", "127.0.0.1:1")], replay).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot reach Cassandra at 127.0.0.1:1"),
+        "{err}"
+    );
+    let verify: &'static [&'static str] = &[
+        "verify",
+        "--projection",
+        "history",
+        "--keyspace",
+        "a",
+        "--against",
+        "b",
+    ];
+    let (code, err) = run(vec![("CHAT_STORE__NODES", "127.0.0.1:1")], verify).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach Cassandra"), "{err}");
+    let switch: &'static [&'static str] = &["switch", "--alias", "chat", "--show"];
+    let (code, err) = run(vec![("CHAT_STORE__NODES", "127.0.0.1:1")], switch).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach Cassandra"), "{err}");
+    // Nothing was created for the replay that could not start.
+    let s = store::connect(&store).await.unwrap();
+    assert!(!s.keyspace_exists("never_created_x").await.unwrap());
+    for cmd in ["replay", "verify", "switch", "drop-keyspace"] {
+        let args: &'static [&'static str] = Box::leak(Box::new([cmd, "--help"]));
+        let (code, _) = run(vec![], args).await;
+        assert_eq!(code, 0, "{cmd} --help");
+    }
+}

@@ -16,7 +16,6 @@ pub mod setup;
 pub mod switch;
 pub mod verify;
 
-use anyhow::Context;
 use chat_log::LogConfig;
 use chat_runtime::telemetry::LogFormat;
 use serde::{Deserialize, Serialize};
@@ -66,9 +65,8 @@ Exit codes: 0 done; 1 failed (the message says what could not be reached);
 pub async fn connect(cfg: &StoreConfig, keyspace: &str) -> anyhow::Result<Store> {
     let mut cfg = cfg.clone();
     cfg.keyspace = keyspace.to_string();
-    store::connect(&cfg)
-        .await
-        .with_context(|| format!("Cassandra at {} unreachable", cfg.nodes.join(",")))
+    // The error names the nodes and what to do.
+    Ok(store::connect(&cfg).await?)
 }
 
 /// Refuses a keyspace name that is not a plain CQL identifier.

@@ -141,6 +141,8 @@ pub async fn run(args: ReplayArgs, config: &AdminConfig) -> anyhow::Result<ExitC
         .map(parse_timestamp)
         .transpose()?;
     let shutdown = Shutdown::on_signals();
+    // Kafka and the registry first: nothing is created when they cannot be reached.
+    replay::check_log(&config.log).await?;
     let store = super::connect(&config.store, &args.keyspace).await?;
     let migrated = store
         .migrate(&config.store.replication)

@@ -387,7 +387,12 @@ async fn admin_phase(
     let t1 = Instant::now();
     let mut first = chat_admin(log, &platform.store, profile, &replay)?.spawn()?;
     loop {
-        let done: i64 = rebuilt.progress("history").await.unwrap_or_default().values().sum();
+        let done: i64 = rebuilt
+            .progress("history")
+            .await
+            .unwrap_or_default()
+            .values()
+            .sum();
         if done >= half {
             first.start_kill()?;
             break;
@@ -395,19 +400,30 @@ async fn admin_phase(
         if let Some(status) = first.try_wait()? {
             anyhow::bail!("chat-admin replay ended before {half} events: {status}");
         }
-        anyhow::ensure!(t1.elapsed().as_secs() < args.timeout_s, "first replay too slow");
+        anyhow::ensure!(
+            t1.elapsed().as_secs() < args.timeout_s,
+            "first replay too slow"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     first.wait().await?;
     let first_s = t1.elapsed().as_secs_f64();
     let at_kill: i64 = rebuilt.progress("history").await?.values().sum();
-    eprintln!("chat-admin replay killed (kill -9) after {first_s:.1} s at {at_kill} of {total} events");
+    eprintln!(
+        "chat-admin replay killed (kill -9) after {first_s:.1} s at {at_kill} of {total} events"
+    );
     let t2 = Instant::now();
     let (code, stdout) = output(chat_admin(log, &platform.store, profile, &replay)?).await?;
     let second_wall = t2.elapsed().as_secs_f64();
-    anyhow::ensure!(code == 0, "resumed chat-admin replay exited {code}: {stdout}");
+    anyhow::ensure!(
+        code == 0,
+        "resumed chat-admin replay exited {code}: {stdout}"
+    );
     let report = last_json(&stdout)?;
-    anyhow::ensure!(report["complete"] == true && report["resumed"] == true, "{report}");
+    anyhow::ensure!(
+        report["complete"] == true && report["resumed"] == true,
+        "{report}"
+    );
     let resumed_events = report["events"].as_i64().unwrap_or(0);
     let resumed_rate = report["events_per_s"].as_f64().unwrap_or(0.0);
     let t3 = Instant::now();
