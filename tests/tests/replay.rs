@@ -146,12 +146,22 @@ async fn replay_interrupted_and_resumed_verifies_equal_and_a_tampered_row_differ
         "2",
         "--json",
     ];
-    let mut first = chat_admin(&p.log.config, &p.store, "debug", &args)
+    let metrics = chat_tests::free_addr();
+    let metrics_arg = metrics.to_string();
+    let mut first_args = args.to_vec();
+    first_args.extend(["--metrics-listen", metrics_arg.as_str()]);
+    let mut first = chat_admin(&p.log.config, &p.store, "debug", &first_args)
         .unwrap()
         .spawn()
         .unwrap();
     let deadline = Instant::now() + WAIT;
+    let mut seen_metrics = (0.0, 0.0);
     let at_kill = loop {
+        let events = chat_tests::metric(metrics, "chat_replay_events_total", None).await;
+        let lag = chat_tests::metric(metrics, "chat_replay_lag_records", None).await;
+        if events > 0.0 {
+            seen_metrics = (events, lag);
+        }
         let done: i64 = rebuilt
             .progress("history")
             .await
@@ -170,6 +180,12 @@ async fn replay_interrupted_and_resumed_verifies_equal_and_a_tampered_row_differ
     };
     first.wait().await.unwrap();
     assert!(at_kill < total, "killed after the end: {at_kill}");
+    // The metrics the dashboard names, while it ran.
+    assert!(seen_metrics.0 > 0.0, "no chat_replay_events_total");
+    assert!(
+        seen_metrics.1 > 0.0 && seen_metrics.0 + seen_metrics.1 <= total as f64,
+        "chat_replay_lag_records {seen_metrics:?}"
+    );
 
     // Resumed: continues from the recorded progress, not from 0.
     let (code, stdout) = output(chat_admin(&p.log.config, &p.store, "debug", &args).unwrap())
