@@ -17,7 +17,10 @@
 //!   partition's events in log order (whatever queued up, merged, up to
 //!   `batch_max_events`) while the reader decodes the next records. After a
 //!   worker's batch is written, `projector_progress` gets
-//!   `next_offset = last offset + 1` (never moves back). A failed write is
+//!   `next_offset = last offset + 1` (never moves back; written while the
+//!   next batch is projected when there is a backlog, at once otherwise:
+//!   a kill loses at most one batch's record, re-projected on resume). A
+//!   failed write is
 //!   retried with a backoff, never skipped. Records that cannot be decoded
 //!   are skipped and counted (the live service dead-lettered them already).
 //! - **Projections** implement [`Projection`]: [`HistoryProjection`] (the
@@ -518,6 +521,10 @@ async fn read_loop(
     }
 }
 
+/// A batch whose writes are done and whose progress is not recorded yet:
+/// `(next_offset, records, malformed, undecodable)`.
+type Unrecorded = (i64, u64, u64, u64);
+
 async fn worker(
     partition: i32,
     mut rx: mpsc::Receiver<Chunk>,
@@ -528,7 +535,43 @@ async fn worker(
     max: usize,
 ) {
     let name = projection.name();
-    while let Some(mut chunk) = rx.recv().await {
+    // Records progress (never moves back) once the batch's writes are done.
+    let record = |done: Option<Unrecorded>| {
+        let (store, status, stop) = (&store, &status, &stop);
+        async move {
+            let Some((next, records, malformed, undecodable)) = done else {
+                return Some(());
+            };
+            retry(stop, partition, "record progress", || {
+                async move {
+                    store
+                        .put_progress(name, partition, next)
+                        .await
+                        .map_err(ProjectError::Store)
+                }
+                .boxed()
+            })
+            .await?;
+            status.done(partition, next, records, malformed, undecodable);
+            Some(())
+        }
+    };
+    let mut unrecorded: Option<Unrecorded> = None;
+    loop {
+        // With a backlog, the previous batch's progress is written while
+        // this one is projected; before waiting for more, it is written.
+        let mut chunk = match rx.try_recv() {
+            Ok(c) => c,
+            Err(_) => {
+                if record(unrecorded.take()).await.is_none() {
+                    return;
+                }
+                match rx.recv().await {
+                    Some(c) => c,
+                    None => return,
+                }
+            }
+        };
         while chunk.len() < max {
             match rx.try_recv() {
                 Ok(more) => chunk.extend(more),
@@ -543,31 +586,21 @@ async fn worker(
             .iter()
             .filter_map(|(o, e)| Some((*o, e.as_ref()?)))
             .collect();
-        let mut malformed = 0;
-        if !events.is_empty() {
-            let done = retry(&stop, partition, "project", || {
+        let project = async {
+            if events.is_empty() {
+                return Some(0);
+            }
+            retry(&stop, partition, "project", || {
                 projection.project(partition, &events)
             })
-            .await;
-            match done {
-                Some(d) => malformed = d.malformed as u64,
-                None => return, // stopped
-            }
-        }
-        let written = retry(&stop, partition, "record progress", || {
-            async {
-                store
-                    .put_progress(name, partition, next)
-                    .await
-                    .map_err(ProjectError::Store)
-            }
-            .boxed()
-        })
-        .await;
-        if written.is_none() {
-            return;
-        }
-        status.done(partition, next, chunk.len() as u64, malformed, undecodable);
+            .await
+            .map(|d| d.malformed as u64)
+        };
+        let (projected, recorded) = tokio::join!(project, record(unrecorded.take()));
+        let (Some(malformed), Some(())) = (projected, recorded) else {
+            return; // stopped
+        };
+        unrecorded = Some((next, chunk.len() as u64, malformed, undecodable));
     }
 }
 
