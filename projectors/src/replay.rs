@@ -328,7 +328,7 @@ pub async fn check_log(log: &LogConfig) -> anyhow::Result<Arc<SchemaRegistry>> {
 const POLL: Duration = Duration::from_millis(200);
 /// Chunks queued per partition worker: the worker merges what queued up
 /// (up to `batch_max_events`) while its previous batch was written.
-const QUEUE: usize = 256;
+const QUEUE: usize = 16;
 
 type Chunk = Vec<(i64, Option<Envelope>)>;
 
