@@ -3,6 +3,7 @@
 //! without Cassandra. Production: [`chat_projectors::store::Store`]. Tests
 //! and tools: [`MemoryHistory`].
 
+use chat_projectors::alias::FollowingStore;
 use chat_projectors::store::{
     ChatRow, DeviceRow, MessageRow, PresenceRow, ReceiptRow, Store, StoreError, UserChatRow,
 };
@@ -107,6 +108,69 @@ impl HistoryReader for Store {
         device: &'a str,
     ) -> BoxFuture<'a, StoreResult<Option<DeviceRow>>> {
         Store::device(self, user, device).boxed()
+    }
+}
+
+/// A store following a keyspace alias (`store.keyspace_alias`): each read
+/// goes to the keyspace the alias names as of the last poll; reads in
+/// flight finish on the keyspace they started on.
+impl HistoryReader for FollowingStore {
+    fn user_chats<'a>(&'a self, user: &'a str) -> BoxFuture<'a, StoreResult<Vec<UserChatRow>>> {
+        let s = self.current();
+        async move { s.user_chats(user).await }.boxed()
+    }
+    fn chat(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Option<ChatRow>>> {
+        let s = self.current();
+        async move { s.chat(chat).await }.boxed()
+    }
+    fn changed_chats_since<'a>(
+        &'a self,
+        user: &'a str,
+        since_ms: i64,
+    ) -> BoxFuture<'a, StoreResult<Vec<Uuid>>> {
+        let s = self.current();
+        async move { s.changed_chats_since(user, since_ms).await }.boxed()
+    }
+    fn messages_page(
+        &self,
+        chat: Uuid,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: u32,
+    ) -> BoxFuture<'_, StoreResult<Vec<MessageRow>>> {
+        let s = self.current();
+        async move { s.messages_page(chat, before, after, limit).await }.boxed()
+    }
+    fn progress<'a>(&'a self, projector: &'a str) -> BoxFuture<'a, StoreResult<HashMap<i32, i64>>> {
+        let s = self.current();
+        async move { s.progress(projector).await }.boxed()
+    }
+    fn members(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<(String, String, u64)>>> {
+        let s = self.current();
+        async move { s.members(chat).await }.boxed()
+    }
+    fn receipts(&self, chat: Uuid) -> BoxFuture<'_, StoreResult<Vec<ReceiptRow>>> {
+        let s = self.current();
+        async move { s.receipts(chat).await }.boxed()
+    }
+    fn presence_of<'a>(
+        &'a self,
+        users: &'a [String],
+    ) -> BoxFuture<'a, StoreResult<Vec<PresenceRow>>> {
+        let s = self.current();
+        async move { s.presence_of(users).await }.boxed()
+    }
+    fn devices<'a>(&'a self, user: &'a str) -> BoxFuture<'a, StoreResult<Vec<DeviceRow>>> {
+        let s = self.current();
+        async move { s.devices(user).await }.boxed()
+    }
+    fn device<'a>(
+        &'a self,
+        user: &'a str,
+        device: &'a str,
+    ) -> BoxFuture<'a, StoreResult<Option<DeviceRow>>> {
+        let s = self.current();
+        async move { s.device(user, device).await }.boxed()
     }
 }
 

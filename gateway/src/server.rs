@@ -223,9 +223,13 @@ async fn start(
     health.ready("registry");
     let history: Arc<dyn HistoryReader> = match history {
         Some(h) => h,
+        // Follows store.keyspace_alias when one is set (chat-admin switch).
         None => {
-            let store = chat_projectors::store::connect(&config.store).await?;
-            check_markers_retention(&store, config.limits.sync_markers_retention_ms).await?;
+            let store =
+                chat_projectors::alias::FollowingStore::connect(&config.store, shutdown.token())
+                    .await?;
+            check_markers_retention(&store.current(), config.limits.sync_markers_retention_ms)
+                .await?;
             Arc::new(store)
         }
     };

@@ -627,3 +627,45 @@ pub async fn high_watermark(
         .map(|(_, high)| high)
         .map_err(LogError::Kafka)
 }
+
+/// Gives consumer group `group_id` committed offsets on `topic` (partition
+/// -> next offset to read), unless it already has a committed offset on any
+/// of them. For a new group that must start where a projection's own
+/// recorded progress says (a projector moving to another keyspace), not at
+/// the beginning. Returns whether it committed. Commit while no member is
+/// in the group (the broker refuses a commit from outside an active group).
+pub async fn seed_group_offsets(
+    config: &LogConfig,
+    group_id: &str,
+    topic: &str,
+    offsets: &std::collections::HashMap<i32, i64>,
+) -> Result<bool, LogError> {
+    use rdkafka::{Offset, TopicPartitionList};
+    if offsets.is_empty() {
+        return Ok(false);
+    }
+    let consumer: StreamConsumer = base_client_config(config)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    let timeout = Duration::from_millis(config.connect_timeout_ms);
+    tokio::task::spawn_blocking(move || {
+        let committed = consumer.committed_offsets(tpl.clone(), timeout)?;
+        let any = committed
+            .elements()
+            .iter()
+            .any(|e| matches!(e.offset(), Offset::Offset(_)));
+        if any {
+            return Ok(false);
+        }
+        consumer.commit(&tpl, CommitMode::Sync)?;
+        Ok(true)
+    })
+    .await
+    .map_err(|e| LogError::Config(e.to_string()))?
+    .map_err(LogError::Kafka)
+}

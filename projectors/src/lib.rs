@@ -13,15 +13,23 @@
 //!   is never skipped, at worst projected twice.
 //!
 //! Workers: [`history`] (`chat-history`): `chat.events` -> the history
-//! tables, the reconnect-sync markers and its progress.
+//! tables, the reconnect-sync markers and its progress; [`presence`]
+//! (`chat-presence`); [`push`] (`chat-push`: push tasks for devices not
+//! connected); [`daily_stats`] (`chat-daily-stats`, the example backfill
+//! projection, run by [`replay`]).
 //!
-//! [`admin`] holds `chat-admin`'s commands.
+//! Operating them: [`replay`] (rebuild any projection from the log into a
+//! keyspace, or run a group-less projection service), [`alias`] (services
+//! following a keyspace alias), [`admin`] (`chat-admin`'s commands).
 //!
 //! [`store`] is the one boundary to Cassandra: no other module uses the driver.
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod alias;
+pub mod daily_stats;
 pub mod history;
 pub mod presence;
 pub mod push;
+pub mod replay;
 pub mod store;

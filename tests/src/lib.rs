@@ -6,6 +6,7 @@
 //! Addresses come from the same `CHAT_LOG__*` / `CHAT_STORE__*` environment
 //! overrides the services read, with the `make infra-up` defaults.
 
+pub mod admin;
 pub mod checker;
 pub mod envelopes;
 pub mod platform;

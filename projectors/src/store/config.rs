@@ -47,6 +47,14 @@ pub struct StoreConfig {
     pub tls_certificate_location: Option<String>,
     /// Client private key, PEM file.
     pub tls_key_location: Option<String>,
+    /// A keyspace alias (`chat-admin switch`): when set, services use the
+    /// keyspace this alias names in `control_keyspace` (not `keyspace`),
+    /// check it every `alias_poll_ms` and move over when it changes.
+    pub keyspace_alias: Option<String>,
+    /// Keyspace of the `keyspace_aliases` table.
+    pub control_keyspace: String,
+    /// How often services following an alias read it.
+    pub alias_poll_ms: u64,
 }
 
 /// Cassandra consistency levels a store may use for its reads and writes.
@@ -96,6 +104,9 @@ impl Default for StoreConfig {
             tls_ca_location: None,
             tls_certificate_location: None,
             tls_key_location: None,
+            keyspace_alias: None,
+            control_keyspace: "chat_control".into(),
+            alias_poll_ms: 1_000,
         }
     }
 }
@@ -121,6 +132,17 @@ impl StoreConfig {
                 "store.keyspace {:?} must be a letter then up to 47 letters, digits or _",
                 self.keyspace
             )));
+        }
+        if !is_identifier(&self.control_keyspace) {
+            return Err(StoreError::Config(format!(
+                "store.control_keyspace {:?} must be a letter then up to 47 letters, digits or _",
+                self.control_keyspace
+            )));
+        }
+        if self.alias_poll_ms == 0 {
+            return Err(StoreError::Config(
+                "store.alias_poll_ms must be at least 1".into(),
+            ));
         }
         if self.username.is_some() != self.password.is_some() {
             return Err(StoreError::Config(
@@ -217,7 +239,8 @@ impl Replication {
     }
 }
 
-fn is_identifier(s: &str) -> bool {
+/// A plain CQL identifier (a keyspace or alias name).
+pub fn is_identifier(s: &str) -> bool {
     s.len() <= 48
         && s.starts_with(|c: char| c.is_ascii_alphabetic())
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')

@@ -7,8 +7,10 @@
 mod batch;
 mod chats;
 mod config;
+mod daily;
 mod error;
 mod messages;
+mod ops;
 mod presence;
 mod progress;
 mod push;
@@ -17,9 +19,11 @@ mod schema;
 
 pub use batch::Write;
 pub use chats::{change_bucket, floor_to_second, ChatRow, UserChatRow, CHANGE_BUCKET_MS};
-pub use config::{Consistency, Replication, StoreConfig};
+pub use config::{is_identifier, Consistency, Replication, StoreConfig};
+pub use daily::DailyRow;
 pub use error::StoreError;
 pub use messages::{bucket_of, MessageRow, MESSAGES_PER_BUCKET};
+pub use ops::{fnv1a64, AliasRow, Digest, TableDigest};
 pub use presence::{DeviceRow, PresenceRow};
 pub use push::{PushRegistration, PushSettings};
 pub use receipts::ReceiptRow;
@@ -51,6 +55,7 @@ pub struct Store {
     receipts: Arc<OnceCell<receipts::Prepared>>,
     presence: Arc<OnceCell<presence::Prepared>>,
     push: Arc<OnceCell<push::Prepared>>,
+    daily: Arc<OnceCell<daily::Prepared>>,
 }
 
 /// Connects to the cluster, or fails with [`StoreError::Unreachable`] within
@@ -93,6 +98,7 @@ pub async fn connect(cfg: &StoreConfig) -> Result<Store, StoreError> {
         receipts: Arc::default(),
         presence: Arc::default(),
         push: Arc::default(),
+        daily: Arc::default(),
     })
 }
 

@@ -121,6 +121,18 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             allowed_chats list<uuid>
         ) WITH comment = 'do-not-disturb schedule per user (from chat.sessions)'",
     ],
+}, Migration {
+    version: 5,
+    description: "daily chat statistics (the example backfill projection)",
+    statements: &[
+        // Whole state of the day as of last_seq, written USING TIMESTAMP last_seq.
+        "CREATE TABLE IF NOT EXISTS {ks}.chat_daily_stats (
+            chat_id uuid, day date, messages bigint, events bigint,
+            active_members frozen<set<text>>, last_seq bigint,
+            PRIMARY KEY ((chat_id), day)
+        ) WITH CLUSTERING ORDER BY (day DESC)
+          AND comment = 'per chat and UTC day: messages, events, members who sent a message; state as of last_seq'",
+    ],
 }];
 
 /// What [`Store::migrate`] did.

@@ -13,6 +13,13 @@
 //! `/proc/<pid>/stat`), and checks the rebuilt `messages` of a sample of
 //! chats (row count = events written for the chat).
 //!
+//! Then (unless `--skip-admin`) the operator's path: `chat-admin replay
+//! --projection history` into another fresh keyspace, killed (`kill -9`)
+//! at `--kill-at` of the events, run again (it resumes from the keyspace's
+//! `projector_progress`), and `chat-admin verify` against the keyspace the
+//! live projector built, which must report no difference. Prints the
+//! events/s of both and the load average.
+//!
 //! `cargo run --release -p chat-tests --bin replay-bench -- --help`
 
 use anyhow::Context;
@@ -68,6 +75,23 @@ struct Args {
     /// Give up after this many seconds of replay.
     #[arg(long, default_value_t = 1_800)]
     timeout_s: u64,
+    /// Skip the `chat-admin replay` / kill / resume / `verify` phase.
+    #[arg(long)]
+    skip_admin: bool,
+    /// Fraction of the events after which the first `chat-admin replay` is
+    /// killed (`kill -9`).
+    #[arg(long, default_value_t = 0.5)]
+    kill_at: f64,
+    /// Extra arguments for `chat-admin replay` (repeatable), e.g.
+    /// `--admin-arg=--write-concurrency --admin-arg=32`.
+    #[arg(long = "admin-arg", allow_hyphen_values = true)]
+    admin_args: Vec<String>,
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// utime + stime of a process, in seconds.
@@ -151,6 +175,7 @@ impl Lcg {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     chat_runtime::telemetry::init(chat_runtime::telemetry::LogFormat::Pretty);
+    let load_start = load_average();
     anyhow::ensure!(args.members >= 3, "--members must be at least 3");
     let profile: &'static str = if args.profile == "debug" {
         "debug"
@@ -322,6 +347,117 @@ async fn main() -> anyhow::Result<()> {
         "checked {checked} chats: messages rows = events, chats.last_seq = last seq; first progress after {:.1} s",
         first_at.as_secs_f64()
     );
+    if !args.skip_admin {
+        admin_phase(&args, &platform, profile, &store, total).await?;
+    }
+    eprintln!(
+        "load average (1, 5, 15 min) at start: {load_start}; at end: {}",
+        load_average()
+    );
     platform.stop().await;
+    Ok(())
+}
+
+/// `chat-admin replay` into a fresh keyspace, `kill -9` at `--kill-at`,
+/// the same command again (resumes), then `chat-admin verify` against the
+/// live keyspace the projector built. Prints one table row.
+async fn admin_phase(
+    args: &Args,
+    platform: &Platform,
+    profile: &str,
+    live: &store::Store,
+    total: i64,
+) -> anyhow::Result<()> {
+    use chat_tests::admin::{chat_admin, last_json, output};
+    let ks = format!("rb_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let rebuilt = live.with_keyspace(&ks);
+    let mut replay: Vec<&str> = vec![
+        "replay",
+        "--projection",
+        "history",
+        "--keyspace",
+        &ks,
+        "--json",
+        "--progress-interval",
+        "10",
+    ];
+    replay.extend(args.admin_args.iter().map(String::as_str));
+    let log = &platform.log.config;
+    let half = (total as f64 * args.kill_at) as i64;
+    let t1 = Instant::now();
+    let mut first = chat_admin(log, &platform.store, profile, &replay)?.spawn()?;
+    loop {
+        let done: i64 = rebuilt
+            .progress("history")
+            .await
+            .unwrap_or_default()
+            .values()
+            .sum();
+        if done >= half {
+            first.start_kill()?;
+            break;
+        }
+        if let Some(status) = first.try_wait()? {
+            anyhow::bail!("chat-admin replay ended before {half} events: {status}");
+        }
+        anyhow::ensure!(
+            t1.elapsed().as_secs() < args.timeout_s,
+            "first replay too slow"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.wait().await?;
+    let first_s = t1.elapsed().as_secs_f64();
+    let at_kill: i64 = rebuilt.progress("history").await?.values().sum();
+    eprintln!(
+        "chat-admin replay killed (kill -9) after {first_s:.1} s at {at_kill} of {total} events"
+    );
+    let t2 = Instant::now();
+    let (code, stdout) = output(chat_admin(log, &platform.store, profile, &replay)?).await?;
+    let second_wall = t2.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        code == 0,
+        "resumed chat-admin replay exited {code}: {stdout}"
+    );
+    let report = last_json(&stdout)?;
+    anyhow::ensure!(
+        report["complete"] == true && report["resumed"] == true,
+        "{report}"
+    );
+    let resumed_events = report["events"].as_i64().unwrap_or(0);
+    let resumed_rate = report["events_per_s"].as_f64().unwrap_or(0.0);
+    let t3 = Instant::now();
+    let verify = [
+        "verify",
+        "--projection",
+        "history",
+        "--keyspace",
+        &ks,
+        "--against",
+        live.keyspace(),
+        "--json",
+    ];
+    let (code, stdout) = output(chat_admin(log, &platform.store, profile, &verify)?).await?;
+    let verify_s = t3.elapsed().as_secs_f64();
+    let verdict = last_json(&stdout)?;
+    let rows: u64 = verdict["tables"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|t| t["live"]["rows"].as_u64()).sum())
+        .unwrap_or(0);
+    println!();
+    println!("| events | first run: killed after (s) at events | resumed run: events, s | resumed events/s (chat-admin) | both runs events/s (wall) | verify (s), rows per side | verify |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {total} | {first_s:.1} s at {at_kill} | {resumed_events}, {:.1} s | {resumed_rate:.0} | {:.0} | {verify_s:.1} s, {rows} | {} |",
+        report["elapsed_s"].as_f64().unwrap_or(0.0),
+        total as f64 / (first_s + second_wall),
+        if code == 0 && verdict["equal"] == true {
+            "no difference".to_string()
+        } else {
+            format!("{} partitions differ (exit {code})", verdict["differences"])
+        }
+    );
+    rebuilt.drop_keyspace().await.ok();
+    anyhow::ensure!(code == 0, "verify found differences: {verdict}");
     Ok(())
 }
