@@ -362,13 +362,25 @@ async fn daily_stats_backfill_counts_exactly_then_follows_live() {
         followed < Duration::from_secs(5),
         "followed in {followed:?}"
     );
-    let metrics = chat_tests::metric(
-        listen.parse().unwrap(),
-        "chat_daily_stats_events_total",
-        None,
-    )
-    .await;
-    assert!(metrics >= 52.0, "events metric {metrics}");
+    // The counter is bumped after the batch's rows are written: wait for it
+    // (the row above can be visible a moment before).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = chat_tests::metric(
+            listen.parse().unwrap(),
+            "chat_daily_stats_events_total",
+            None,
+        )
+        .await;
+        if metrics >= 52.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events metric {metrics}, want >= 52"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A restart re-reads nothing twice: the counts stay exact.
     service.start_kill().unwrap();

@@ -74,6 +74,7 @@ impl Store {
             progress: Arc::default(),
             receipts: Arc::default(),
             presence: Arc::default(),
+            push: Arc::default(),
             daily: Arc::default(),
         }
     }
