@@ -116,10 +116,19 @@ class State:
         print("VIOLATION", what, file=sys.stderr, flush=True)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete (e.g. a
+    worker killed with kill -9 mid-request): nothing was received, so
+    nothing is judged or counted. A real provider never sees such a request
+    either (the HTTP/2 stream never ended)."""
+
+
 async def read_body(receive):
     body = b""
     while True:
         msg = await receive()
+        if msg["type"] == "http.disconnect":
+            raise ClientGone()
         body += msg.get("body", b"")
         if not msg.get("more_body"):
             return body
@@ -367,6 +376,12 @@ def make_app(st):
                 elif msg["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
+        try:
+            return await route(scope, receive, send)
+        except ClientGone:
+            print("client went away mid-request:", scope["path"], file=sys.stderr, flush=True)
+
+    async def route(scope, receive, send):
         path = scope["path"]
         if path.startswith("/control/"):
             return await control(scope, receive, send, path)
